@@ -1,0 +1,84 @@
+"""Builds response messages from store records (the only place rows meet protobuf)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from lesson_progress.store.catalog import CourseRecord
+from lesson_progress.store.database import Record
+from lessonprogress.v1 import resources_pb2 as pb
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    """A protobuf Timestamp for an aware datetime, exact to the microsecond."""
+    if value is None:
+        return None
+    delta = value - _EPOCH
+    return Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
+
+
+def lesson_progress(row: Record) -> pb.LessonProgress:
+    """LessonProgress from a row with the store's PROGRESS_COLUMNS."""
+    return pb.LessonProgress(
+        user_id=str(row["user_id"]),
+        course_id=str(row["course_id"]),
+        lesson_id=row["lesson_id"],
+        completed=row["completed"],
+        time_spent_seconds=row["time_spent_seconds"],
+        attempts=row["attempts"],
+        score=row["score"],
+        first_started_at=timestamp(row["first_started_at"]),
+        last_accessed_at=timestamp(row["last_accessed_at"]),
+        completed_at=timestamp(row["completed_at"]),
+        created_at=timestamp(row["created_at"]),
+        updated_at=timestamp(row["updated_at"]),
+    )
+
+
+def course_progress(user_id: str, course_id: str, row: Record) -> pb.CourseProgress:
+    """CourseProgress from a GET_COURSE_PROGRESS row."""
+    completed = list(row["completed_lesson_ids"])
+    total = int(row["total_lessons"])
+    return pb.CourseProgress(
+        user_id=user_id,
+        course_id=course_id,
+        completed_lesson_ids=completed,
+        completed_lessons=len(completed),
+        total_lessons=total,
+        progress_percentage=percentage(len(completed), total),
+        total_time_spent_seconds=int(row["total_time_spent_seconds"]),
+        last_lesson_id=row["last_lesson_id"] or "",
+        started_at=timestamp(row["started_at"]),
+        last_accessed_at=timestamp(row["last_accessed_at"]),
+        completed_at=timestamp(row["completed_at"]),
+    )
+
+
+def percentage(completed: int, total: int) -> int:
+    """round(100 x completed / total), halves rounded up, capped at 100; 0 when total is 0."""
+    if total <= 0:
+        return 0
+    return min(100, (200 * completed + total) // (2 * total))
+
+
+def course(record: CourseRecord) -> pb.Course:
+    """Course with its lessons in outline order."""
+    return pb.Course(
+        course_id=str(record.course["course_id"]),
+        title=record.course["title"],
+        lessons=[
+            pb.Lesson(
+                lesson_id=lesson["lesson_id"],
+                title=lesson["title"],
+                assessed=lesson["assessed"],
+                passing_score=lesson["passing_score"],
+            )
+            for lesson in record.lessons
+        ],
+        create_time=timestamp(record.course["created_at"]),
+        update_time=timestamp(record.course["updated_at"]),
+    )

@@ -1,0 +1,8 @@
+"""gRPC servicers: proto to plain values (with validation), store call, values to proto."""
+
+from __future__ import annotations
+
+from lesson_progress.servicers.catalog import CatalogServicer
+from lesson_progress.servicers.progress import ProgressServicer
+
+__all__ = ["CatalogServicer", "ProgressServicer"]

@@ -1,0 +1,100 @@
+"""The connection pool, and the translation of PostgreSQL errors into domain errors.
+
+Every store call runs through ``Database.run``: it retries serialization failures and
+deadlocks a few times (then ABORTED) and reports an unreachable database as UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+
+from lesson_progress import errors
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Record = asyncpg.Record
+# What work receives: a pooled connection (a proxy with the Connection interface).
+Connection = asyncpg.pool.PoolConnectionProxy[Record]
+
+MAX_ATTEMPTS = 5
+
+# Errors after which the same transaction, run again, may well succeed.
+_RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+# Errors that mean the database is not reachable (or not accepting work) right now.
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ReadOnlySQLTransactionError,
+)
+
+
+class Database:
+    """An asyncpg pool plus the one policy for running work on it."""
+
+    def __init__(self, pool: asyncpg.Pool[Record]) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, url: str, *, pool_size: int) -> Database:
+        """Opens a pool of at most ``pool_size`` connections to ``url``."""
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min(2, pool_size),
+                max_size=pool_size,
+                server_settings={"application_name": "lesson-progress"},
+            )
+        except _UNAVAILABLE as exc:
+            raise errors.Unavailable(f"cannot connect to the database: {exc}") from None
+        return cls(pool)
+
+    async def close(self) -> None:
+        """Closes every connection, waiting for those in use to be released."""
+        await self.pool.close()
+
+    async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Runs ``work`` on a pooled connection, retrying it after a lost race."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                async with self.pool.acquire() as connection:
+                    return await work(connection)
+            except _RETRYABLE as exc:
+                if attempt == MAX_ATTEMPTS:
+                    raise errors.Aborted(
+                        f"the write conflicted with concurrent writes {attempt} times "
+                        f"({exc.sqlstate}); retry it"
+                    ) from None
+                await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
+            except asyncpg.PostgresError as exc:
+                raise _translate(exc) from None
+            except _UNAVAILABLE as exc:
+                raise errors.Unavailable(f"the database is unavailable: {exc}") from None
+        raise AssertionError("unreachable")
+
+
+def _translate(exc: asyncpg.PostgresError) -> Exception:
+    """The domain error for a PostgreSQL error that a request can legitimately cause."""
+    if isinstance(exc, _UNAVAILABLE):
+        return errors.Unavailable(f"the database is unavailable: {exc}")
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        # A course or lesson deleted between the existence check and the write.
+        return errors.NotFound("the course or lesson no longer exists", reason="LESSON_NOT_FOUND")
+    if isinstance(exc, asyncpg.NumericValueOutOfRangeError | asyncpg.CheckViolationError):
+        return errors.OutOfRange(
+            "the write would take a counter past its maximum (2,147,483,647)",
+            reason="COUNTER_OVERFLOW",
+        )
+    return exc
