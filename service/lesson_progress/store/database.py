@@ -10,7 +10,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import asyncpg
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Record = asyncpg.Record
 # What work receives: a pooled connection (a proxy with the Connection interface).
-Connection = asyncpg.pool.PoolConnectionProxy[Record]
+Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Record]"
 
 MAX_ATTEMPTS = 5
 

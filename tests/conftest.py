@@ -1,0 +1,140 @@
+"""Shared fixtures: a fresh migrated database, a real server on a random port, stubs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+import pytest
+
+from lesson_progress import migrate, server
+from lesson_progress.config import Config
+from lessonprogress.v1 import (
+    catalog_service_pb2,
+    catalog_service_pb2_grpc,
+    progress_service_pb2_grpc,
+    resources_pb2,
+)
+from tests import postgres
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of the PostgreSQL server the session runs against."""
+    with postgres.postgres_server() as (url, origin):
+        print(f"\ntests run against {origin}")
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def database_url(postgres_url: str) -> AsyncIterator[str]:
+    """A fresh database with every migration applied, dropped after the session."""
+    name = postgres.fresh_database_name()
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = postgres.with_database(postgres_url, name)
+    connection = await asyncpg.connect(url)
+    try:
+        await migrate.migrate(connection, Config().migrations_dir)
+    finally:
+        await connection.close()
+    try:
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the test database, for tests whose subject is the schema itself."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+def server_config(database_url: str, **overrides: object) -> Config:
+    """A config for a test server: random port, no migrations (the fixture ran them)."""
+    settings: dict[str, object] = {
+        "database_url": database_url,
+        "host": "127.0.0.1",
+        "port": 0,
+        "pool_size": 8,
+        "migrate_on_start": False,
+    }
+    settings.update(overrides)
+    return Config(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def running_server(database_url: str) -> AsyncIterator[server.RunningServer]:
+    """The service, in this process, listening on a random port."""
+    running = await server.start(server_config(database_url))
+    yield running
+    await running.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+async def channel(running_server: server.RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A client channel to the test server."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running_server.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def catalog(channel: grpc.aio.Channel) -> catalog_service_pb2_grpc.CatalogServiceStub:
+    """CatalogService stub."""
+    return catalog_service_pb2_grpc.CatalogServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def progress(channel: grpc.aio.Channel) -> progress_service_pb2_grpc.ProgressServiceStub:
+    """ProgressService stub."""
+    return progress_service_pb2_grpc.ProgressServiceStub(channel)
+
+
+@dataclass(frozen=True)
+class CourseIds:
+    """A registered course: its id and its lesson ids in order."""
+
+    course_id: str
+    lesson_ids: list[str]
+
+
+def new_id() -> str:
+    """A fresh UUID string."""
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+def make_course(
+    catalog: catalog_service_pb2_grpc.CatalogServiceStub,
+) -> object:
+    """Registers a course with ``lessons`` lessons (lesson ids l1, l2, ...)."""
+
+    async def make(
+        lessons: int = 3, *, passing_score: int | None = None, assessed: bool = False
+    ) -> CourseIds:
+        course_id = new_id()
+        lesson_ids = [f"l{i + 1}" for i in range(lessons)]
+        await catalog.UpsertCourse(
+            catalog_service_pb2.UpsertCourseRequest(
+                course_id=course_id,
+                title="course",
+                lessons=[
+                    resources_pb2.Lesson(
+                        lesson_id=lesson_id,
+                        title=f"lesson {lesson_id}",
+                        assessed=assessed or passing_score is not None,
+                        passing_score=passing_score,
+                    )
+                    for lesson_id in lesson_ids
+                ],
+            )
+        )
+        return CourseIds(course_id, lesson_ids)
+
+    return make
