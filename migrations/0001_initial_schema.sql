@@ -52,7 +52,7 @@ CREATE TABLE lessons (
 --
 -- The note's six indexes, and what became of them:
 --   user_id, (user_id, course_id)  -> served by the primary key's prefix.
---   course_id, lesson_id           -> replaced by (course_id, lesson_id) below.
+--   course_id, lesson_id           -> replaced by (course_id, user_id, lesson_id) below.
 --   completed, completed_at        -> dropped: no query of the service filters on them
 --                                     alone, and both columns change on completion.
 -- fillfactor leaves room on each page so heartbeat updates stay on the page (HOT).
@@ -76,8 +76,11 @@ CREATE TABLE lesson_progress (
     CHECK (completed = (completed_at IS NOT NULL))
 ) WITH (fillfactor = 85);
 
--- Serves the cascade from lessons (DeleteCourse) and the per-lesson analytics of a course.
-CREATE INDEX lesson_progress_course_lesson_idx ON lesson_progress (course_id, lesson_id);
+-- Serves every per-course read: the per-lesson statistics (all rows of a course), the
+-- learners of a course in user_id order without a sort (StreamCourseLearners), and the
+-- cascade from lessons when a course is deleted. None of its columns ever changes.
+CREATE INDEX lesson_progress_course_user_idx
+    ON lesson_progress (course_id, user_id, lesson_id);
 
 CREATE TRIGGER lesson_progress_set_updated_at BEFORE UPDATE ON lesson_progress
     FOR EACH ROW EXECUTE FUNCTION set_updated_at();
@@ -98,8 +101,9 @@ CREATE TABLE course_progress (
     PRIMARY KEY (user_id, course_id)
 );
 
--- Serves the cascade from courses and the course-wide completion update of UpsertCourse.
-CREATE INDEX course_progress_course_idx ON course_progress (course_id);
+-- Serves the cascade from courses, the course-wide completion update of UpsertCourse and
+-- the merge with lesson_progress in user_id order (StreamCourseLearners).
+CREATE INDEX course_progress_course_user_idx ON course_progress (course_id, user_id);
 
 CREATE TRIGGER course_progress_set_updated_at BEFORE UPDATE ON course_progress
     FOR EACH ROW EXECUTE FUNCTION set_updated_at();

@@ -42,6 +42,9 @@ class Config:
     request_id_retention_seconds: int = 24 * 3600
     """How long request ids are remembered (``LESSON_PROGRESS_REQUEST_ID_RETENTION``)."""
 
+    event_retention_seconds: int = 24 * 3600
+    """How long progress events stay replayable (``LESSON_PROGRESS_EVENT_RETENTION``)."""
+
     shutdown_grace_seconds: float = 10.0
     """How long in-flight RPCs may run after SIGTERM (``LESSON_PROGRESS_SHUTDOWN_GRACE``)."""
 
@@ -83,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--request-id-retention",
         help="how long request ids are remembered, e.g. 24h (env ..._REQUEST_ID_RETENTION)",
+    )
+    parser.add_argument(
+        "--event-retention",
+        help="how long progress events stay replayable, e.g. 24h (env ..._EVENT_RETENTION)",
     )
     parser.add_argument(
         "--shutdown-grace", help="grace for in-flight RPCs, e.g. 10s (env ..._SHUTDOWN_GRACE)"
@@ -181,6 +188,14 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
                 "request_id_retention",
                 ENV_PREFIX + "REQUEST_ID_RETENTION",
                 defaults.request_id_retention_seconds,
+                1,
+            )
+        ),
+        event_retention_seconds=int(
+            duration(
+                "event_retention",
+                ENV_PREFIX + "EVENT_RETENTION",
+                defaults.event_retention_seconds,
                 1,
             )
         ),

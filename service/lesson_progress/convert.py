@@ -36,11 +36,13 @@ def lesson_progress(row: Record) -> pb.LessonProgress:
         completed_at=timestamp(row["completed_at"]),
         created_at=timestamp(row["created_at"]),
         updated_at=timestamp(row["updated_at"]),
+        bookmark=row["bookmark"] or "",
+        bookmarked_at=timestamp(row["bookmarked_at"]),
     )
 
 
 def course_progress(user_id: str, course_id: str, row: Record) -> pb.CourseProgress:
-    """CourseProgress from a GET_COURSE_PROGRESS row."""
+    """CourseProgress from a GET_COURSE_PROGRESS or COURSE_LEARNERS row."""
     completed = list(row["completed_lesson_ids"])
     total = int(row["total_lessons"])
     return pb.CourseProgress(
@@ -55,6 +57,7 @@ def course_progress(user_id: str, course_id: str, row: Record) -> pb.CourseProgr
         started_at=timestamp(row["started_at"]),
         last_accessed_at=timestamp(row["last_accessed_at"]),
         completed_at=timestamp(row["completed_at"]),
+        last_lesson_bookmark=row["last_lesson_bookmark"] or "",
     )
 
 
@@ -81,4 +84,57 @@ def course(record: CourseRecord) -> pb.Course:
         ],
         create_time=timestamp(record.course["created_at"]),
         update_time=timestamp(record.course["updated_at"]),
+    )
+
+
+def attempt(row: Record) -> pb.Attempt:
+    """Attempt from a LIST_ATTEMPTS row."""
+    request_id = row["request_id"]
+    return pb.Attempt(
+        attempt_number=row["attempt_number"],
+        score=row["score"],
+        attempted_at=timestamp(row["attempted_at"]),
+        request_id=str(request_id) if request_id is not None else "",
+    )
+
+
+def progress_event(row: Record) -> pb.ProgressEvent:
+    """ProgressEvent from an EVENTS_AFTER row (the lesson snapshot only if it has one)."""
+    return pb.ProgressEvent(
+        event_id=row["event_id"],
+        kind=row["kind"],  # stored values match ProgressEventKind
+        user_id=str(row["user_id"]),
+        course_id=str(row["course_id"]),
+        lesson=lesson_progress(row) if row["lesson_id"] is not None else None,
+        occurred_at=timestamp(row["occurred_at"]),
+    )
+
+
+def lesson_stats(row: Record) -> pb.LessonStats:
+    """LessonStats from a LESSON_STATS row."""
+    started = row["started_count"]
+    return pb.LessonStats(
+        lesson_id=row["lesson_id"],
+        started_count=started,
+        completed_count=row["completed_count"],
+        completion_rate=row["completed_count"] / started if started else 0.0,
+        avg_attempts=row["avg_attempts"],
+        avg_time_spent_seconds=row["avg_time_spent_seconds"],
+        p50_time_spent_seconds=row["p50_time_spent_seconds"],
+        p90_time_spent_seconds=row["p90_time_spent_seconds"],
+        scored_count=row["scored_count"],
+        avg_score=row["avg_score"],
+        min_score=row["min_score"],
+        max_score=row["max_score"],
+        score_histogram=row["score_histogram"],
+    )
+
+
+def difficult_lesson(row: Record) -> pb.DifficultLesson:
+    """DifficultLesson from a DIFFICULT_LESSONS row."""
+    return pb.DifficultLesson(
+        lesson_id=row["lesson_id"],
+        avg_attempts=row["avg_attempts"],
+        avg_time_spent_seconds=row["avg_time_spent_seconds"],
+        completion_count=row["completion_count"],
     )

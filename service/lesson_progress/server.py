@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -13,15 +14,18 @@ import grpc
 from lesson_progress import embedded, migrate, rpc
 from lesson_progress.config import Config
 from lesson_progress.page_tokens import PageTokens
-from lesson_progress.servicers import CatalogServicer, ProgressServicer
+from lesson_progress.servicers import AnalyticsServicer, CatalogServicer, ProgressServicer
 from lesson_progress.store import CatalogStore, Database, ProgressStore
-from lessonprogress.v1 import catalog_service_pb2, progress_service_pb2
+from lesson_progress.store.analytics import AnalyticsStore
+from lesson_progress.store.events import EventListener, EventStore
+from lessonprogress.v1 import analytics_service_pb2, catalog_service_pb2, progress_service_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICES = (
     catalog_service_pb2.DESCRIPTOR.services_by_name["CatalogService"],
     progress_service_pb2.DESCRIPTOR.services_by_name["ProgressService"],
+    analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"],
 )
 
 
@@ -49,12 +53,14 @@ class RunningServer:
     server: grpc.aio.Server
     database: Database
     port: int
+    listener: EventListener
     embedded_db: embedded.EmbeddedPostgres | None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None) -> None:
         """Finishes in-flight RPCs within ``grace`` seconds, then closes everything."""
         await self.server.stop(grace)
+        await self.listener.stop()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -76,36 +82,58 @@ async def start(config: Config) -> RunningServer:
         "SELECT value FROM service_secrets WHERE name = 'page_token_key'"
     )
     progress_store = ProgressStore(database)
+    event_store = EventStore(database)
+    listener = EventListener(url)
+    listener.start()
 
     server = grpc.aio.server()
-    rpc.add_servicer(server, CatalogServicer(CatalogStore(database)), SERVICES[0])
+    catalog, progress, analytics = SERVICES
+    rpc.add_servicer(server, CatalogServicer(CatalogStore(database)), catalog)
     rpc.add_servicer(
         server,
         ProgressServicer(
             progress_store,
+            event_store,
+            listener,
             PageTokens(bytes(key)),
             max_heartbeat_seconds=config.max_heartbeat_seconds,
         ),
-        SERVICES[1],
+        progress,
     )
+    rpc.add_servicer(server, AnalyticsServicer(AnalyticsStore(database)), analytics)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     log.info("serving lessonprogress.v1 on %s:%d", config.host, port)
-    running = RunningServer(server, database, port, embedded_db)
+    running = RunningServer(server, database, port, listener, embedded_db)
     running.tasks.append(
-        asyncio.create_task(_purge_request_ids(progress_store, config.request_id_retention_seconds))
+        asyncio.create_task(
+            _every(
+                "forget request ids",
+                lambda: progress_store.purge_request_ids(config.request_id_retention_seconds),
+                config.request_id_retention_seconds,
+            )
+        )
+    )
+    running.tasks.append(
+        asyncio.create_task(
+            _every(
+                "purge progress events",
+                lambda: event_store.purge(config.event_retention_seconds),
+                config.event_retention_seconds,
+            )
+        )
     )
     return running
 
 
-async def _purge_request_ids(store: ProgressStore, retention_seconds: int) -> None:
-    """Forgets request ids past the retention window, every few minutes."""
+async def _every(what: str, purge: Callable[[], Awaitable[int]], retention_seconds: int) -> None:
+    """Runs a retention purge now and then: a tenth of the window, at most every 5 min."""
     interval = max(1.0, min(300.0, retention_seconds / 10))
     while True:
         try:
-            purged = await store.purge_request_ids(retention_seconds)
+            purged = await purge()
             if purged:
-                log.info("forgot %d request ids older than %ds", purged, retention_seconds)
+                log.info("%s: removed %d rows older than %ds", what, purged, retention_seconds)
         except Exception:
-            log.exception("purging request ids failed; will try again")
+            log.exception("%s failed; will try again", what)
         await asyncio.sleep(interval)

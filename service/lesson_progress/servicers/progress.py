@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -9,6 +12,8 @@ import grpc
 from lesson_progress import convert, errors
 from lesson_progress.page_tokens import PageTokens, decode_time, encode_time
 from lesson_progress.store import ProgressStore
+from lesson_progress.store.database import Record
+from lesson_progress.store.events import EventListener, EventStore
 from lesson_progress.store.progress import Heartbeat, PageCursor
 from lesson_progress.validation import Validator
 from lessonprogress.v1 import progress_service_pb2 as pb
@@ -18,6 +23,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_BATCH = 1000
+MAX_BOOKMARK_BYTES = 4096
+# Events read from the outbox per query by one watcher: its bounded window.
+WATCH_BATCH = 256
 
 
 def _lesson_key(request: Any, check: Validator) -> tuple[str, str, str]:
@@ -39,11 +47,21 @@ class ProgressServicer:
     """Implements lessonprogress.v1.ProgressService."""
 
     def __init__(
-        self, store: ProgressStore, tokens: PageTokens, *, max_heartbeat_seconds: int
+        self,
+        store: ProgressStore,
+        events: EventStore,
+        listener: EventListener,
+        tokens: PageTokens,
+        *,
+        max_heartbeat_seconds: int,
+        watch_poll_seconds: float = 5.0,
     ) -> None:
         self.store = store
+        self.events = events
+        self.listener = listener
         self.tokens = tokens
         self.max_heartbeat_seconds = max_heartbeat_seconds
+        self.watch_poll_seconds = watch_poll_seconds
 
     def _heartbeat(self, request: pb.RecordTimeRequest, check: Validator) -> Heartbeat:
         user_id, course_id, lesson_id = _lesson_key(request, check)
@@ -137,10 +155,8 @@ class ProgressServicer:
         check = Validator()
         user_id = check.uuid("user_id", request.user_id)
         course_id = check.uuid("course_id", request.course_id)
-        if request.page_size < 0:
-            check.fail("page_size", f"must not be negative (got {request.page_size})")
+        page_size = _page_size(request.page_size, check)
         check.done()
-        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         query = ("ListLessonProgress", user_id, course_id, request.completed_only)
         after = None
         if request.page_token:
@@ -155,16 +171,28 @@ class ProgressServicer:
             after=after,
             limit=page_size + 1,
         )
-        next_token = ""
-        if len(rows) > page_size:
-            rows = rows[:page_size]
-            last = rows[-1]
-            next_token = self.tokens.issue(
-                query, (encode_time(last["first_started_at"]), last["lesson_id"])
-            )
+        rows, next_token = self._split_page(
+            rows,
+            page_size,
+            query,
+            lambda last: (encode_time(last["first_started_at"]), last["lesson_id"]),
+        )
         return pb.ListLessonProgressResponse(
             lessons=[convert.lesson_progress(r) for r in rows], next_page_token=next_token
         )
+
+    def _split_page(
+        self,
+        rows: list[Record],
+        page_size: int,
+        query: tuple[object, ...],
+        position: Callable[[Record], tuple[object, ...]],
+    ) -> tuple[list[Record], str]:
+        """The page (rows fetched with limit page_size + 1) and the next page's token."""
+        if len(rows) <= page_size:
+            return rows, ""
+        rows = rows[:page_size]
+        return rows, self.tokens.issue(query, position(rows[-1]))
 
     async def GetCourseProgress(
         self, request: pb.GetCourseProgressRequest, context: Context
@@ -177,6 +205,73 @@ class ProgressServicer:
         row = await self.store.get_course_progress(user_id, course_id)
         return pb.GetCourseProgressResponse(course=convert.course_progress(user_id, course_id, row))
 
+    async def ListAttempts(
+        self, request: pb.ListAttemptsRequest, context: Context
+    ) -> pb.ListAttemptsResponse:
+        """Lists a lesson's attempt history, oldest first."""
+        check = Validator()
+        key = _lesson_key(request, check)
+        page_size = _page_size(request.page_size, check)
+        check.done()
+        query = ("ListAttempts", *key)
+        after = 0
+        if request.page_token:
+            (number,) = self.tokens.parse(request.page_token, query)
+            if not isinstance(number, int):
+                raise errors.InvalidArgument.of("page_token", "is malformed")
+            after = number
+        rows = await self.store.list_attempts(*key, after=after, limit=page_size + 1)
+        rows, next_token = self._split_page(
+            rows, page_size, query, lambda last: (last["attempt_number"],)
+        )
+        return pb.ListAttemptsResponse(
+            attempts=[convert.attempt(r) for r in rows], next_page_token=next_token
+        )
+
+    async def SaveBookmark(
+        self, request: pb.SaveBookmarkRequest, context: Context
+    ) -> pb.SaveBookmarkResponse:
+        """Saves where the learner left off in a lesson."""
+        check = Validator()
+        key = _lesson_key(request, check)
+        size = len(request.position.encode())
+        if size > MAX_BOOKMARK_BYTES:
+            check.fail("position", f"must be at most {MAX_BOOKMARK_BYTES} bytes (got {size})")
+        elif "\x00" in request.position:
+            check.fail("position", "must not contain NUL characters")
+        check.done()
+        row = await self.store.save_bookmark(*key, request.position or None)
+        return pb.SaveBookmarkResponse(lesson=convert.lesson_progress(row))
+
+    async def WatchProgress(
+        self, request: pb.WatchProgressRequest, context: Context
+    ) -> AsyncIterator[pb.WatchProgressResponse]:
+        """Streams a course's progress events committed after the call began."""
+        check = Validator()
+        course_id = check.uuid("course_id", request.course_id)
+        user_id = check.optional_uuid("user_id", request.user_id)
+        if request.after_event_id < 0:
+            check.fail("after_event_id", f"must not be negative (got {request.after_event_id})")
+        check.done()
+        # Subscribe before reading the start position, so no commit falls in between.
+        wake = self.listener.subscribe(course_id)
+        try:
+            position = await self.events.start_position(course_id, request.after_event_id)
+            while True:
+                wake.clear()
+                rows = await self.events.events_after(course_id, position, WATCH_BATCH)
+                for row in rows:
+                    position = row["event_id"]
+                    if user_id is None or str(row["user_id"]) == user_id:
+                        yield pb.WatchProgressResponse(event=convert.progress_event(row))
+                if len(rows) == WATCH_BATCH:
+                    continue
+                # A notification wakes us; the timeout only covers a lost LISTEN connection.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.watch_poll_seconds)
+        finally:
+            self.listener.unsubscribe(course_id, wake)
+
     async def DeleteUserProgress(
         self, request: pb.DeleteUserProgressRequest, context: Context
     ) -> pb.DeleteUserProgressResponse:
@@ -186,6 +281,13 @@ class ProgressServicer:
         check.done()
         deleted = await self.store.delete_user_progress(user_id)
         return pb.DeleteUserProgressResponse(deleted_lessons=deleted)
+
+
+def _page_size(value: int, check: Validator) -> int:
+    """AIP-158 page size: 0 means the default, larger than the maximum means the maximum."""
+    if value < 0:
+        check.fail("page_size", f"must not be negative (got {value})")
+    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def _check_batch_request_ids(beats: list[Heartbeat], check: Validator) -> None:

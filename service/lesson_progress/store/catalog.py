@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from lesson_progress import errors
 from lesson_progress.store.database import Connection, Database, Record
+from lesson_progress.store.events import EVENT_CHANNEL, EVENT_LOCK_NAMESPACE, EventKind
 
 UPSERT_COURSE = """
 INSERT INTO courses AS c (course_id, title) VALUES ($1::uuid, $2::text)
@@ -31,16 +32,31 @@ SET position = EXCLUDED.position, title = EXCLUDED.title, assessed = EXCLUDED.as
 """
 
 # A learner whose completed lessons now cover the whole (non-empty) outline has finished
-# the course, e.g. after a lesson they had not done was removed.
-COMPLETE_COVERED_COURSES = """
-UPDATE course_progress cp SET completed_at = now()
-WHERE cp.course_id = $1::uuid AND cp.completed_at IS NULL
-  AND EXISTS (SELECT FROM lessons WHERE course_id = $1::uuid AND position IS NOT NULL)
-  AND NOT EXISTS (
-      SELECT FROM lessons l
-      WHERE l.course_id = $1::uuid AND l.position IS NOT NULL
-        AND NOT cp.completed_lessons ? l.lesson_id
-  )
+# the course, e.g. after a lesson they had not done was removed; watchers hear about it.
+COMPLETE_COVERED_COURSES = f"""
+WITH covered AS (
+    UPDATE course_progress cp SET completed_at = now()
+    WHERE cp.course_id = $1::uuid AND cp.completed_at IS NULL
+      AND EXISTS (SELECT FROM lessons WHERE course_id = $1::uuid AND position IS NOT NULL)
+      AND NOT EXISTS (
+          SELECT FROM lessons l
+          WHERE l.course_id = $1::uuid AND l.position IS NOT NULL
+            AND NOT cp.completed_lessons ? l.lesson_id
+      )
+    RETURNING cp.user_id, cp.course_id
+),
+course_lock AS MATERIALIZED (
+    SELECT pg_advisory_xact_lock({EVENT_LOCK_NAMESPACE}, hashtext($1::uuid::text))
+    WHERE EXISTS (SELECT FROM covered)
+),
+events AS (
+    INSERT INTO progress_events (course_id, user_id, kind)
+    SELECT course_id, user_id, {EventKind.COURSE_COMPLETED} FROM covered
+    WHERE EXISTS (SELECT FROM course_lock)
+    ORDER BY user_id
+    RETURNING pg_notify('{EVENT_CHANNEL}', course_id::text)
+)
+SELECT count(*) FROM covered
 """
 
 SELECT_COURSE = """

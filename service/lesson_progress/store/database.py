@@ -7,9 +7,10 @@ deadlocks a few times (then ABORTED) and reports an unreachable database as UNAV
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeAlias, TypeVar
 
 import asyncpg
@@ -83,6 +84,25 @@ class Database:
             except _UNAVAILABLE as exc:
                 raise errors.Unavailable(f"the database is unavailable: {exc}") from None
         raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def read_snapshot(self) -> AsyncIterator[Connection]:
+        """A pooled connection inside a read-only REPEATABLE READ transaction.
+
+        For streams: one consistent snapshot however long the caller takes to read. The
+        transaction ends (and the connection returns to the pool) when the block exits,
+        including when the stream is cancelled.
+        """
+        try:
+            async with (
+                self.pool.acquire() as connection,
+                connection.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                yield connection
+        except asyncpg.PostgresError as exc:
+            raise _translate(exc) from None
+        except _UNAVAILABLE as exc:
+            raise errors.Unavailable(f"the database is unavailable: {exc}") from None
 
 
 def _translate(exc: asyncpg.PostgresError) -> Exception:

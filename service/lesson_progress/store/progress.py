@@ -14,10 +14,17 @@ from datetime import datetime
 
 from lesson_progress import errors
 from lesson_progress.store.database import Connection, Database, Record
+from lesson_progress.store.events import (
+    EVENT_CHANNEL,
+    EVENT_COLUMNS,
+    EVENT_LOCK_NAMESPACE,
+    EventKind,
+)
 
 PROGRESS_COLUMNS = """
     user_id, course_id, lesson_id, completed, time_spent_seconds, attempts, score,
-    first_started_at, last_accessed_at, completed_at, created_at, updated_at
+    first_started_at, last_accessed_at, completed_at, created_at, updated_at, bookmark,
+    bookmarked_at
 """
 
 # The lesson, if it is in its course's current outline.
@@ -64,14 +71,68 @@ course AS (
               AND NOT (cp.completed_lessons || EXCLUDED.completed_lessons) ? l.lesson_id
         ) THEN now() END)
     WHERE NOT cp.completed_lessons ? $3::varchar
+    RETURNING cp.completed_at
 )"""
 
+
+def _events_cte(kinds: str) -> str:
+    """CTEs that append events for the row of ``progress`` to the outbox, one per kind
+    yielded by the SQL ``kinds``, and NOTIFY watchers on every replica at commit.
+
+    The per-course advisory lock is taken before event ids are drawn and held until commit,
+    so that a course's events become visible in id order (see migration 0002). "Newly
+    completed" is recognised by a completion time equal to this transaction's now().
+    """
+    return f"""
+course_lock AS MATERIALIZED (
+    SELECT pg_advisory_xact_lock({EVENT_LOCK_NAMESPACE}, hashtext(course_id::text))
+    FROM progress
+),
+events AS (
+    INSERT INTO progress_events ({EVENT_COLUMNS})
+    SELECT p.course_id, p.user_id, k.kind, p.lesson_id, p.completed, p.time_spent_seconds,
+           p.attempts, p.score, p.first_started_at, p.last_accessed_at, p.completed_at,
+           p.created_at, p.updated_at, p.bookmark, p.bookmarked_at
+    FROM progress p CROSS JOIN ({kinds}) AS k(kind)
+    WHERE EXISTS (SELECT FROM course_lock)
+    ORDER BY k.kind
+    RETURNING pg_notify('{EVENT_CHANNEL}', course_id::text)
+)"""
+
+
+# COMPLETED when this statement completed the lesson, COURSE_COMPLETED when it completed the
+# course (both set their completion time to this transaction's now()).
+_COMPLETION_KINDS = f"""
+    SELECT {EventKind.COMPLETED} FROM progress WHERE completed_at = now()
+    UNION ALL SELECT {EventKind.COURSE_COMPLETED} FROM course WHERE completed_at = now()
+"""
+
 START_LESSON = f"""
-WITH {_LESSON_CTE}
-INSERT INTO lesson_progress AS lp (user_id, course_id, lesson_id)
-SELECT $1::uuid, $2::uuid, $3::varchar FROM lesson
-ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE SET last_accessed_at = now()
-RETURNING {PROGRESS_COLUMNS}
+WITH {_LESSON_CTE},
+progress AS (
+    INSERT INTO lesson_progress AS lp (user_id, course_id, lesson_id)
+    SELECT $1::uuid, $2::uuid, $3::varchar FROM lesson
+    ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE SET last_accessed_at = now()
+    RETURNING {PROGRESS_COLUMNS}
+),
+{_events_cte(f"VALUES ({EventKind.STARTED})")}
+SELECT * FROM progress
+"""
+
+SAVE_BOOKMARK = f"""
+WITH {_LESSON_CTE},
+progress AS (
+    INSERT INTO lesson_progress AS lp (user_id, course_id, lesson_id, bookmark, bookmarked_at)
+    SELECT $1::uuid, $2::uuid, $3::varchar, $4::text,
+           CASE WHEN $4::text IS NOT NULL THEN now() END
+    FROM lesson
+    ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
+    SET bookmark = EXCLUDED.bookmark, bookmarked_at = EXCLUDED.bookmarked_at,
+        last_accessed_at = now()
+    RETURNING {PROGRESS_COLUMNS}
+),
+{_events_cte(f"VALUES ({EventKind.BOOKMARKED})")}
+SELECT * FROM progress
 """
 
 RECORD_TIME = f"""
@@ -108,7 +169,8 @@ history AS (
         (user_id, course_id, lesson_id, attempt_number, score, request_id)
     SELECT user_id, course_id, lesson_id, attempts, $4::integer, $5::uuid FROM progress
 ),
-{_SYNC_COURSE_CTE}
+{_SYNC_COURSE_CTE},
+{_events_cte(f"SELECT {EventKind.ATTEMPTED} UNION ALL {_COMPLETION_KINDS}")}
 SELECT progress.*, outcome.passed FROM progress, outcome
 """
 
@@ -127,7 +189,8 @@ progress AS (
     WHERE NOT lp.completed OR GREATEST(lp.score, EXCLUDED.score) IS DISTINCT FROM lp.score
     RETURNING {PROGRESS_COLUMNS}
 ),
-{_SYNC_COURSE_CTE}
+{_SYNC_COURSE_CTE},
+{_events_cte(_COMPLETION_KINDS)}
 SELECT * FROM progress
 """
 
@@ -219,7 +282,7 @@ WHERE user_id = $1::uuid AND course_id = $2::uuid AND lesson_id = $3::varchar
 LIST_LESSON_PROGRESS = """
 SELECT p.user_id, p.course_id, p.lesson_id, p.completed, p.time_spent_seconds, p.attempts,
        p.score, p.first_started_at, p.last_accessed_at, p.completed_at, p.created_at,
-       p.updated_at
+       p.updated_at, p.bookmark, p.bookmarked_at
 FROM lesson_progress p
 JOIN lessons l ON l.course_id = p.course_id AND l.lesson_id = p.lesson_id
 WHERE p.user_id = $1::uuid AND p.course_id = $2::uuid AND l.position IS NOT NULL
@@ -245,7 +308,9 @@ lesson_rows AS (
            min(first_started_at) AS started_at,
            max(last_accessed_at) AS last_accessed_at,
            (array_agg(lesson_id ORDER BY last_accessed_at DESC, lesson_id))[1]
-               AS last_lesson_id
+               AS last_lesson_id,
+           (array_agg(bookmark ORDER BY last_accessed_at DESC, lesson_id))[1]
+               AS last_lesson_bookmark
     FROM lesson_progress WHERE user_id = $1::uuid AND course_id = $2::uuid
 ),
 done AS (
@@ -257,16 +322,30 @@ SELECT EXISTS (SELECT FROM courses WHERE course_id = $2::uuid) AS course_exists,
        (SELECT count(*) FROM outline) AS total_lessons,
        COALESCE(lesson_rows.total_time_spent_seconds, 0) AS total_time_spent_seconds,
        lesson_rows.started_at, lesson_rows.last_accessed_at, lesson_rows.last_lesson_id,
+       lesson_rows.last_lesson_bookmark,
        (SELECT completed_at FROM course_row) AS completed_at
 FROM lesson_rows, done
 """
 
-# Attempts and course rows go with their lesson rows (ON DELETE CASCADE) or here.
+# Everything held about a learner; attempts go with their lesson rows (ON DELETE CASCADE).
 DELETE_USER_PROGRESS = """
 WITH courses_gone AS (DELETE FROM course_progress WHERE user_id = $1::uuid),
      requests_gone AS (DELETE FROM processed_requests WHERE user_id = $1::uuid),
+     events_gone AS (DELETE FROM progress_events WHERE user_id = $1::uuid),
      lessons_gone AS (DELETE FROM lesson_progress WHERE user_id = $1::uuid RETURNING 1)
 SELECT count(*) FROM lessons_gone
+"""
+
+LIST_ATTEMPTS = """
+SELECT attempt_number, score, attempted_at, request_id FROM lesson_attempts
+WHERE user_id = $1::uuid AND course_id = $2::uuid AND lesson_id = $3::varchar
+  AND attempt_number > $4::integer
+  AND EXISTS (
+      SELECT FROM lessons
+      WHERE course_id = $2::uuid AND lesson_id = $3::varchar AND position IS NOT NULL
+  )
+ORDER BY attempt_number
+LIMIT $5
 """
 
 LOOKUP_LESSON = """
@@ -441,6 +520,30 @@ class ProgressStore:
                     [errors.FieldViolation(f"requests[{i}].request_id", _REUSED) for i in reused],
                     reason="REQUEST_ID_REUSED",
                 )
+            return rows
+
+        return await self.database.run(work)
+
+    async def save_bookmark(
+        self, user_id: str, course_id: str, lesson_id: str, position: str | None
+    ) -> Record:
+        """Saves (or, with None, clears) the lesson's bookmark."""
+        return await self._write(
+            SAVE_BOOKMARK, "SaveBookmark", user_id, course_id, lesson_id, position,
+            with_request_id=False,
+        )  # fmt: skip
+
+    async def list_attempts(
+        self, user_id: str, course_id: str, lesson_id: str, *, after: int, limit: int
+    ) -> list[Record]:
+        """Up to ``limit`` attempts numbered above ``after``, oldest first."""
+
+        async def work(connection: Connection) -> list[Record]:
+            rows = await connection.fetch(
+                LIST_ATTEMPTS, user_id, course_id, lesson_id, after, limit
+            )
+            if not rows:
+                await ensure_lesson(connection, course_id, lesson_id)
             return rows
 
         return await self.database.run(work)

@@ -542,3 +542,187 @@ class DeleteUserProgressResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteUserProgressResponse: _TypeAlias = DeleteUserProgressResponse  # noqa: Y015
+
+@_typing.final
+class ListAttemptsRequest(_message.Message):
+    """Request of ListAttempts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    LESSON_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The learner: a UUID."""
+    course_id: _builtins.str
+    """The course: a UUID of a registered course."""
+    lesson_id: _builtins.str
+    """The lesson: an id in the course's current outline."""
+    page_size: _builtins.int
+    """Maximum number of attempts to return: 0 means 50, values above 500 are treated as 500,
+    negative values are rejected.
+    """
+    page_token: _builtins.str
+    """Token from a previous response's `next_page_token`; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        course_id: _builtins.str = ...,
+        lesson_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "lesson_id", b"lesson_id", "page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAttemptsRequest: _TypeAlias = ListAttemptsRequest  # noqa: Y015
+
+@_typing.final
+class ListAttemptsResponse(_message.Message):
+    """Response of ListAttempts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when this is the last page."""
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Attempt]:
+        """The attempts, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        attempts: _abc.Iterable[_resources_pb2.Attempt] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAttemptsResponse: _TypeAlias = ListAttemptsResponse  # noqa: Y015
+
+@_typing.final
+class SaveBookmarkRequest(_message.Message):
+    """Request of SaveBookmark."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    LESSON_ID_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The learner: a UUID."""
+    course_id: _builtins.str
+    """The course: a UUID of a registered course."""
+    lesson_id: _builtins.str
+    """The lesson: an id in the course's current outline."""
+    position: _builtins.str
+    """Where the learner left off: an opaque string of at most 4,096 bytes of UTF-8, without
+    NUL characters. Empty clears the bookmark.
+    """
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        course_id: _builtins.str = ...,
+        lesson_id: _builtins.str = ...,
+        position: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "lesson_id", b"lesson_id", "position", b"position", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveBookmarkRequest: _TypeAlias = SaveBookmarkRequest  # noqa: Y015
+
+@_typing.final
+class SaveBookmarkResponse(_message.Message):
+    """Response of SaveBookmark."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LESSON_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lesson(self) -> _resources_pb2.LessonProgress:
+        """The lesson progress after the call, with the saved bookmark."""
+
+    def __init__(
+        self,
+        *,
+        lesson: _resources_pb2.LessonProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lesson", b"lesson"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lesson", b"lesson"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveBookmarkResponse: _TypeAlias = SaveBookmarkResponse  # noqa: Y015
+
+@_typing.final
+class WatchProgressRequest(_message.Message):
+    """Request of WatchProgress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    course_id: _builtins.str
+    """The course to watch: a UUID of a registered course."""
+    user_id: _builtins.str
+    """When set (a UUID), only this learner's events are delivered."""
+    after_event_id: _builtins.int
+    """When set (> 0), replay the course's events after this id first: the `event_id` of the
+    last event a previous watch delivered. 0 means only events committed from now on.
+    """
+    def __init__(
+        self,
+        *,
+        course_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        after_event_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "course_id", b"course_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProgressRequest: _TypeAlias = WatchProgressRequest  # noqa: Y015
+
+@_typing.final
+class WatchProgressResponse(_message.Message):
+    """Response of WatchProgress: one per event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _resources_pb2.ProgressEvent:
+        """The event."""
+
+    def __init__(
+        self,
+        *,
+        event: _resources_pb2.ProgressEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProgressResponse: _TypeAlias = WatchProgressResponse  # noqa: Y015

@@ -96,6 +96,21 @@ class ProgressServiceStub:
                 request_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.DeleteUserProgressRequest.SerializeToString,
                 response_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.DeleteUserProgressResponse.FromString,
                 _registered_method=True)
+        self.ListAttempts = channel.unary_unary(
+                '/lessonprogress.v1.ProgressService/ListAttempts',
+                request_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.ListAttemptsRequest.SerializeToString,
+                response_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.ListAttemptsResponse.FromString,
+                _registered_method=True)
+        self.SaveBookmark = channel.unary_unary(
+                '/lessonprogress.v1.ProgressService/SaveBookmark',
+                request_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.SaveBookmarkRequest.SerializeToString,
+                response_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.SaveBookmarkResponse.FromString,
+                _registered_method=True)
+        self.WatchProgress = channel.unary_stream(
+                '/lessonprogress.v1.ProgressService/WatchProgress',
+                request_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressRequest.SerializeToString,
+                response_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressResponse.FromString,
+                _registered_method=True)
 
 
 class ProgressServiceServicer:
@@ -222,6 +237,47 @@ class ProgressServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAttempts(self, request, context):
+        """Lists the attempt history of one learner's lesson, oldest first (AIP-158 paging).
+
+        Returns INVALID_ARGUMENT for a malformed identifier, a negative page size, or a page
+        token that was not issued for this query; NOT_FOUND if the course is not registered or
+        the lesson is not in its outline. A lesson without attempts gives an empty list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveBookmark(self, request, context):
+        """Saves where the learner left off in a lesson (creating the progress row if needed) and
+        moves `last_accessed_at`. GetCourseProgress reports it as the resume point.
+
+        Returns INVALID_ARGUMENT for a malformed identifier or a position over 4 KiB (4,096
+        bytes of UTF-8) or with NUL characters, NOT_FOUND if the course is not registered or
+        the lesson is not in its outline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchProgress(self, request, context):
+        """Streams the progress events of one course (optionally of one learner) committed after
+        the call began, whichever server process handled the write. Time heartbeats are not
+        events. With `after_event_id`, events after that id are replayed first, as far as the
+        retention window reaches. The stream runs until the caller cancels it or its deadline
+        passes.
+
+        Returns INVALID_ARGUMENT for a malformed identifier or a negative `after_event_id`,
+        NOT_FOUND if the course is not registered, OUT_OF_RANGE if events after
+        `after_event_id` (or after the last event delivered, for a watcher that reads too
+        slowly) were already removed by the retention window: start a new watch and reload
+        state with GetCourseProgress. UNAVAILABLE when the server shuts down: reconnect with
+        the last event id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProgressServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -269,6 +325,21 @@ def add_ProgressServiceServicer_to_server(servicer, server):
                     servicer.DeleteUserProgress,
                     request_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.DeleteUserProgressRequest.FromString,
                     response_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.DeleteUserProgressResponse.SerializeToString,
+            ),
+            'ListAttempts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAttempts,
+                    request_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.ListAttemptsRequest.FromString,
+                    response_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.ListAttemptsResponse.SerializeToString,
+            ),
+            'SaveBookmark': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveBookmark,
+                    request_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.SaveBookmarkRequest.FromString,
+                    response_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.SaveBookmarkResponse.SerializeToString,
+            ),
+            'WatchProgress': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchProgress,
+                    request_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressRequest.FromString,
+                    response_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +602,87 @@ class ProgressService:
             '/lessonprogress.v1.ProgressService/DeleteUserProgress',
             lessonprogress_dot_v1_dot_progress__service__pb2.DeleteUserProgressRequest.SerializeToString,
             lessonprogress_dot_v1_dot_progress__service__pb2.DeleteUserProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAttempts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lessonprogress.v1.ProgressService/ListAttempts',
+            lessonprogress_dot_v1_dot_progress__service__pb2.ListAttemptsRequest.SerializeToString,
+            lessonprogress_dot_v1_dot_progress__service__pb2.ListAttemptsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveBookmark(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lessonprogress.v1.ProgressService/SaveBookmark',
+            lessonprogress_dot_v1_dot_progress__service__pb2.SaveBookmarkRequest.SerializeToString,
+            lessonprogress_dot_v1_dot_progress__service__pb2.SaveBookmarkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lessonprogress.v1.ProgressService/WatchProgress',
+            lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressRequest.SerializeToString,
+            lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

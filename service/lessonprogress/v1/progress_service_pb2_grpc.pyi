@@ -118,6 +118,35 @@ class ProgressServiceStub:
 
     Returns INVALID_ARGUMENT for a malformed user id.
     """
+    ListAttempts: _grpc.UnaryUnaryMultiCallable[_progress_service_pb2.ListAttemptsRequest, _progress_service_pb2.ListAttemptsResponse]
+    """Lists the attempt history of one learner's lesson, oldest first (AIP-158 paging).
+
+    Returns INVALID_ARGUMENT for a malformed identifier, a negative page size, or a page
+    token that was not issued for this query; NOT_FOUND if the course is not registered or
+    the lesson is not in its outline. A lesson without attempts gives an empty list.
+    """
+    SaveBookmark: _grpc.UnaryUnaryMultiCallable[_progress_service_pb2.SaveBookmarkRequest, _progress_service_pb2.SaveBookmarkResponse]
+    """Saves where the learner left off in a lesson (creating the progress row if needed) and
+    moves `last_accessed_at`. GetCourseProgress reports it as the resume point.
+
+    Returns INVALID_ARGUMENT for a malformed identifier or a position over 4 KiB (4,096
+    bytes of UTF-8) or with NUL characters, NOT_FOUND if the course is not registered or
+    the lesson is not in its outline.
+    """
+    WatchProgress: _grpc.UnaryStreamMultiCallable[_progress_service_pb2.WatchProgressRequest, _progress_service_pb2.WatchProgressResponse]
+    """Streams the progress events of one course (optionally of one learner) committed after
+    the call began, whichever server process handled the write. Time heartbeats are not
+    events. With `after_event_id`, events after that id are replayed first, as far as the
+    retention window reaches. The stream runs until the caller cancels it or its deadline
+    passes.
+
+    Returns INVALID_ARGUMENT for a malformed identifier or a negative `after_event_id`,
+    NOT_FOUND if the course is not registered, OUT_OF_RANGE if events after
+    `after_event_id` (or after the last event delivered, for a watcher that reads too
+    slowly) were already removed by the retention window: start a new watch and reload
+    state with GetCourseProgress. UNAVAILABLE when the server shuts down: reconnect with
+    the last event id.
+    """
 
 @_typing.type_check_only
 class ProgressServiceAsyncStub(ProgressServiceStub):
@@ -208,6 +237,35 @@ class ProgressServiceAsyncStub(ProgressServiceStub):
     learner with no data succeeds and reports 0.
 
     Returns INVALID_ARGUMENT for a malformed user id.
+    """
+    ListAttempts: _aio.UnaryUnaryMultiCallable[_progress_service_pb2.ListAttemptsRequest, _progress_service_pb2.ListAttemptsResponse]  # type: ignore[assignment]
+    """Lists the attempt history of one learner's lesson, oldest first (AIP-158 paging).
+
+    Returns INVALID_ARGUMENT for a malformed identifier, a negative page size, or a page
+    token that was not issued for this query; NOT_FOUND if the course is not registered or
+    the lesson is not in its outline. A lesson without attempts gives an empty list.
+    """
+    SaveBookmark: _aio.UnaryUnaryMultiCallable[_progress_service_pb2.SaveBookmarkRequest, _progress_service_pb2.SaveBookmarkResponse]  # type: ignore[assignment]
+    """Saves where the learner left off in a lesson (creating the progress row if needed) and
+    moves `last_accessed_at`. GetCourseProgress reports it as the resume point.
+
+    Returns INVALID_ARGUMENT for a malformed identifier or a position over 4 KiB (4,096
+    bytes of UTF-8) or with NUL characters, NOT_FOUND if the course is not registered or
+    the lesson is not in its outline.
+    """
+    WatchProgress: _aio.UnaryStreamMultiCallable[_progress_service_pb2.WatchProgressRequest, _progress_service_pb2.WatchProgressResponse]  # type: ignore[assignment]
+    """Streams the progress events of one course (optionally of one learner) committed after
+    the call began, whichever server process handled the write. Time heartbeats are not
+    events. With `after_event_id`, events after that id are replayed first, as far as the
+    retention window reaches. The stream runs until the caller cancels it or its deadline
+    passes.
+
+    Returns INVALID_ARGUMENT for a malformed identifier or a negative `after_event_id`,
+    NOT_FOUND if the course is not registered, OUT_OF_RANGE if events after
+    `after_event_id` (or after the last event delivered, for a watcher that reads too
+    slowly) were already removed by the retention window: start a new watch and reload
+    state with GetCourseProgress. UNAVAILABLE when the server shuts down: reconnect with
+    the last event id.
     """
 
 class ProgressServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -350,6 +408,53 @@ class ProgressServiceServicer(metaclass=_abc_1.ABCMeta):
         learner with no data succeeds and reports 0.
 
         Returns INVALID_ARGUMENT for a malformed user id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAttempts(
+        self,
+        request: _progress_service_pb2.ListAttemptsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_service_pb2.ListAttemptsResponse, _abc.Awaitable[_progress_service_pb2.ListAttemptsResponse]]:
+        """Lists the attempt history of one learner's lesson, oldest first (AIP-158 paging).
+
+        Returns INVALID_ARGUMENT for a malformed identifier, a negative page size, or a page
+        token that was not issued for this query; NOT_FOUND if the course is not registered or
+        the lesson is not in its outline. A lesson without attempts gives an empty list.
+        """
+
+    @_abc_1.abstractmethod
+    def SaveBookmark(
+        self,
+        request: _progress_service_pb2.SaveBookmarkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_service_pb2.SaveBookmarkResponse, _abc.Awaitable[_progress_service_pb2.SaveBookmarkResponse]]:
+        """Saves where the learner left off in a lesson (creating the progress row if needed) and
+        moves `last_accessed_at`. GetCourseProgress reports it as the resume point.
+
+        Returns INVALID_ARGUMENT for a malformed identifier or a position over 4 KiB (4,096
+        bytes of UTF-8) or with NUL characters, NOT_FOUND if the course is not registered or
+        the lesson is not in its outline.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchProgress(
+        self,
+        request: _progress_service_pb2.WatchProgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_progress_service_pb2.WatchProgressResponse], _abc.AsyncIterator[_progress_service_pb2.WatchProgressResponse]]:
+        """Streams the progress events of one course (optionally of one learner) committed after
+        the call began, whichever server process handled the write. Time heartbeats are not
+        events. With `after_event_id`, events after that id are replayed first, as far as the
+        retention window reaches. The stream runs until the caller cancels it or its deadline
+        passes.
+
+        Returns INVALID_ARGUMENT for a malformed identifier or a negative `after_event_id`,
+        NOT_FOUND if the course is not registered, OUT_OF_RANGE if events after
+        `after_event_id` (or after the last event delivered, for a watcher that reads too
+        slowly) were already removed by the retention window: start a new watch and reload
+        state with GetCourseProgress. UNAVAILABLE when the server shuts down: reconnect with
+        the last event id.
         """
 
 def add_ProgressServiceServicer_to_server(servicer: ProgressServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,42 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ProgressEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProgressEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProgressEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROGRESS_EVENT_KIND_UNSPECIFIED: _ProgressEventKind.ValueType  # 0
+    """Not used."""
+    PROGRESS_EVENT_KIND_STARTED: _ProgressEventKind.ValueType  # 1
+    """The learner opened the lesson (StartLesson)."""
+    PROGRESS_EVENT_KIND_ATTEMPTED: _ProgressEventKind.ValueType  # 2
+    """The learner made a scored attempt (RecordAttempt)."""
+    PROGRESS_EVENT_KIND_COMPLETED: _ProgressEventKind.ValueType  # 3
+    """The lesson was completed for the first time (CompleteLesson, or a passing attempt)."""
+    PROGRESS_EVENT_KIND_COURSE_COMPLETED: _ProgressEventKind.ValueType  # 4
+    """The learner's course progress first reached 100%."""
+    PROGRESS_EVENT_KIND_BOOKMARKED: _ProgressEventKind.ValueType  # 5
+    """The learner saved a bookmark (SaveBookmark)."""
+
+class ProgressEventKind(_ProgressEventKind, metaclass=_ProgressEventKindEnumTypeWrapper):
+    """The kind of a ProgressEvent."""
+
+PROGRESS_EVENT_KIND_UNSPECIFIED: ProgressEventKind.ValueType  # 0
+"""Not used."""
+PROGRESS_EVENT_KIND_STARTED: ProgressEventKind.ValueType  # 1
+"""The learner opened the lesson (StartLesson)."""
+PROGRESS_EVENT_KIND_ATTEMPTED: ProgressEventKind.ValueType  # 2
+"""The learner made a scored attempt (RecordAttempt)."""
+PROGRESS_EVENT_KIND_COMPLETED: ProgressEventKind.ValueType  # 3
+"""The lesson was completed for the first time (CompleteLesson, or a passing attempt)."""
+PROGRESS_EVENT_KIND_COURSE_COMPLETED: ProgressEventKind.ValueType  # 4
+"""The learner's course progress first reached 100%."""
+PROGRESS_EVENT_KIND_BOOKMARKED: ProgressEventKind.ValueType  # 5
+"""The learner saved a bookmark (SaveBookmark)."""
+Global___ProgressEventKind: _TypeAlias = ProgressEventKind  # noqa: Y015
 
 @_typing.final
 class Lesson(_message.Message):
@@ -121,6 +158,8 @@ class LessonProgress(_message.Message):
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    BOOKMARK_FIELD_NUMBER: _builtins.int
+    BOOKMARKED_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The learner: a UUID in lowercase canonical form."""
     course_id: _builtins.str
@@ -136,6 +175,10 @@ class LessonProgress(_message.Message):
     score: _builtins.int
     """Best score so far, 0-100. Unset means no scored attempt or completion yet; 0 is a real
     score.
+    """
+    bookmark: _builtins.str
+    """Where the learner left off in the lesson: an opaque string of at most 4 KiB (a video
+    offset, a page anchor; SCORM's `location`). Empty when none was saved.
     """
     @_builtins.property
     def first_started_at(self) -> _timestamp_pb2.Timestamp:
@@ -157,6 +200,10 @@ class LessonProgress(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """When the progress row last changed."""
 
+    @_builtins.property
+    def bookmarked_at(self) -> _timestamp_pb2.Timestamp:
+        """When the bookmark was last saved; unset when none was saved."""
+
     def __init__(
         self,
         *,
@@ -172,10 +219,12 @@ class LessonProgress(_message.Message):
         completed_at: _timestamp_pb2.Timestamp | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        bookmark: _builtins.str = ...,
+        bookmarked_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "completed_at", b"completed_at", "created_at", b"created_at", "first_started_at", b"first_started_at", "last_accessed_at", b"last_accessed_at", "score", b"score", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "bookmarked_at", b"bookmarked_at", "completed_at", b"completed_at", "created_at", b"created_at", "first_started_at", b"first_started_at", "last_accessed_at", b"last_accessed_at", "score", b"score", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "attempts", b"attempts", "completed", b"completed", "completed_at", b"completed_at", "course_id", b"course_id", "created_at", b"created_at", "first_started_at", b"first_started_at", "last_accessed_at", b"last_accessed_at", "lesson_id", b"lesson_id", "score", b"score", "time_spent_seconds", b"time_spent_seconds", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "attempts", b"attempts", "bookmark", b"bookmark", "bookmarked_at", b"bookmarked_at", "completed", b"completed", "completed_at", b"completed_at", "course_id", b"course_id", "created_at", b"created_at", "first_started_at", b"first_started_at", "last_accessed_at", b"last_accessed_at", "lesson_id", b"lesson_id", "score", b"score", "time_spent_seconds", b"time_spent_seconds", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
     _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
@@ -200,6 +249,7 @@ class CourseProgress(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     LAST_ACCESSED_AT_FIELD_NUMBER: _builtins.int
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    LAST_LESSON_BOOKMARK_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The learner: a UUID in lowercase canonical form."""
     course_id: _builtins.str
@@ -216,6 +266,8 @@ class CourseProgress(_message.Message):
     """
     last_lesson_id: _builtins.str
     """The lesson the learner touched most recently; empty when there is no progress."""
+    last_lesson_bookmark: _builtins.str
+    """The resume point: the bookmark saved in `last_lesson_id`; empty when none was saved."""
     @_builtins.property
     def completed_lesson_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Completed lessons of the current outline, in outline order, without duplicates."""
@@ -248,11 +300,208 @@ class CourseProgress(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         last_accessed_at: _timestamp_pb2.Timestamp | None = ...,
         completed_at: _timestamp_pb2.Timestamp | None = ...,
+        last_lesson_bookmark: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "last_accessed_at", b"last_accessed_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "completed_lesson_ids", b"completed_lesson_ids", "completed_lessons", b"completed_lessons", "course_id", b"course_id", "last_accessed_at", b"last_accessed_at", "last_lesson_id", b"last_lesson_id", "progress_percentage", b"progress_percentage", "started_at", b"started_at", "total_lessons", b"total_lessons", "total_time_spent_seconds", b"total_time_spent_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "completed_lesson_ids", b"completed_lesson_ids", "completed_lessons", b"completed_lessons", "course_id", b"course_id", "last_accessed_at", b"last_accessed_at", "last_lesson_bookmark", b"last_lesson_bookmark", "last_lesson_id", b"last_lesson_id", "progress_percentage", b"progress_percentage", "started_at", b"started_at", "total_lessons", b"total_lessons", "total_time_spent_seconds", b"total_time_spent_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CourseProgress: _TypeAlias = CourseProgress  # noqa: Y015
+
+@_typing.final
+class Attempt(_message.Message):
+    """One attempt of the attempt history of a lesson."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_NUMBER_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    ATTEMPTED_AT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    attempt_number: _builtins.int
+    """Position of the attempt in the lesson's history: 1 for the first attempt."""
+    score: _builtins.int
+    """The attempt's score, 0-100."""
+    request_id: _builtins.str
+    """The request id the attempt was recorded with; empty if none was given."""
+    @_builtins.property
+    def attempted_at(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt was recorded."""
+
+    def __init__(
+        self,
+        *,
+        attempt_number: _builtins.int = ...,
+        score: _builtins.int = ...,
+        attempted_at: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempted_at", b"attempted_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_number", b"attempt_number", "attempted_at", b"attempted_at", "request_id", b"request_id", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attempt: _TypeAlias = Attempt  # noqa: Y015
+
+@_typing.final
+class ProgressEvent(_message.Message):
+    """A change to a learner's progress, as delivered by ProgressService.WatchProgress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    LESSON_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.int
+    """Identifier of the event. Within one course, ids increase in commit order, so a watcher
+    can resume after the last id it saw.
+    """
+    kind: Global___ProgressEventKind.ValueType
+    """What happened."""
+    user_id: _builtins.str
+    """The learner: a UUID in lowercase canonical form."""
+    course_id: _builtins.str
+    """The course: a UUID in lowercase canonical form."""
+    @_builtins.property
+    def lesson(self) -> Global___LessonProgress:
+        """The lesson progress as the change left it. Unset for a COURSE_COMPLETED event that an
+        outline change (CatalogService.UpsertCourse) caused rather than a lesson.
+        """
+
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.int = ...,
+        kind: Global___ProgressEventKind.ValueType = ...,
+        user_id: _builtins.str = ...,
+        course_id: _builtins.str = ...,
+        lesson: Global___LessonProgress | None = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lesson", b"lesson", "occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "event_id", b"event_id", "kind", b"kind", "lesson", b"lesson", "occurred_at", b"occurred_at", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProgressEvent: _TypeAlias = ProgressEvent  # noqa: Y015
+
+@_typing.final
+class LessonStats(_message.Message):
+    """Per-lesson statistics of one course, over every learner with progress in the lesson."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LESSON_ID_FIELD_NUMBER: _builtins.int
+    STARTED_COUNT_FIELD_NUMBER: _builtins.int
+    COMPLETED_COUNT_FIELD_NUMBER: _builtins.int
+    COMPLETION_RATE_FIELD_NUMBER: _builtins.int
+    AVG_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    AVG_TIME_SPENT_SECONDS_FIELD_NUMBER: _builtins.int
+    P50_TIME_SPENT_SECONDS_FIELD_NUMBER: _builtins.int
+    P90_TIME_SPENT_SECONDS_FIELD_NUMBER: _builtins.int
+    SCORED_COUNT_FIELD_NUMBER: _builtins.int
+    AVG_SCORE_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
+    MAX_SCORE_FIELD_NUMBER: _builtins.int
+    SCORE_HISTOGRAM_FIELD_NUMBER: _builtins.int
+    lesson_id: _builtins.str
+    """The lesson, as registered in the course outline."""
+    started_count: _builtins.int
+    """Learners with a progress row in the lesson."""
+    completed_count: _builtins.int
+    """Learners who completed the lesson."""
+    completion_rate: _builtins.float
+    """completed_count / started_count, 0-1; 0 when nobody started."""
+    avg_attempts: _builtins.float
+    """Mean attempts per learner who started the lesson; 0 when nobody started."""
+    avg_time_spent_seconds: _builtins.float
+    """Mean seconds spent per learner who started the lesson; 0 when nobody started."""
+    p50_time_spent_seconds: _builtins.float
+    """Median seconds spent by learners who completed the lesson (linear interpolation between
+    the two middle values); 0 when nobody completed.
+    """
+    p90_time_spent_seconds: _builtins.float
+    """90th percentile of the seconds spent by learners who completed the lesson (linear
+    interpolation); 0 when nobody completed.
+    """
+    scored_count: _builtins.int
+    """Learners with a score in the lesson. Unscored rows are left out of every score figure."""
+    avg_score: _builtins.float
+    """Mean best score, 0-100; 0 when nobody has a score."""
+    min_score: _builtins.int
+    """Lowest best score, 0-100; 0 when nobody has a score."""
+    max_score: _builtins.int
+    """Highest best score, 0-100; 0 when nobody has a score."""
+    @_builtins.property
+    def score_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Learners per score bucket: ten entries for 0-9, 10-19, ..., 80-89 and 90-100."""
+
+    def __init__(
+        self,
+        *,
+        lesson_id: _builtins.str = ...,
+        started_count: _builtins.int = ...,
+        completed_count: _builtins.int = ...,
+        completion_rate: _builtins.float = ...,
+        avg_attempts: _builtins.float = ...,
+        avg_time_spent_seconds: _builtins.float = ...,
+        p50_time_spent_seconds: _builtins.float = ...,
+        p90_time_spent_seconds: _builtins.float = ...,
+        scored_count: _builtins.int = ...,
+        avg_score: _builtins.float = ...,
+        min_score: _builtins.int = ...,
+        max_score: _builtins.int = ...,
+        score_histogram: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_attempts", b"avg_attempts", "avg_score", b"avg_score", "avg_time_spent_seconds", b"avg_time_spent_seconds", "completed_count", b"completed_count", "completion_rate", b"completion_rate", "lesson_id", b"lesson_id", "max_score", b"max_score", "min_score", b"min_score", "p50_time_spent_seconds", b"p50_time_spent_seconds", "p90_time_spent_seconds", b"p90_time_spent_seconds", "score_histogram", b"score_histogram", "scored_count", b"scored_count", "started_count", b"started_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LessonStats: _TypeAlias = LessonStats  # noqa: Y015
+
+@_typing.final
+class DifficultLesson(_message.Message):
+    """A lesson of the "difficult lessons" report: figures over learners who completed it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LESSON_ID_FIELD_NUMBER: _builtins.int
+    AVG_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    AVG_TIME_SPENT_SECONDS_FIELD_NUMBER: _builtins.int
+    COMPLETION_COUNT_FIELD_NUMBER: _builtins.int
+    lesson_id: _builtins.str
+    """The lesson, as registered in the course outline."""
+    avg_attempts: _builtins.float
+    """Mean attempts of the learners who completed the lesson."""
+    avg_time_spent_seconds: _builtins.float
+    """Mean seconds spent by the learners who completed the lesson."""
+    completion_count: _builtins.int
+    """Number of learners who completed the lesson."""
+    def __init__(
+        self,
+        *,
+        lesson_id: _builtins.str = ...,
+        avg_attempts: _builtins.float = ...,
+        avg_time_spent_seconds: _builtins.float = ...,
+        completion_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_attempts", b"avg_attempts", "avg_time_spent_seconds", b"avg_time_spent_seconds", "completion_count", b"completion_count", "lesson_id", b"lesson_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DifficultLesson: _TypeAlias = DifficultLesson  # noqa: Y015

@@ -1,0 +1,223 @@
+"""The progress event outbox: reading events back, purging them, and hearing about them.
+
+Writers append events in the same statement as the change (see ``progress.py``) and
+``pg_notify`` the course id at commit. Each server process keeps one dedicated connection
+LISTENing on that channel (``EventListener``); a notification only wakes the watchers of
+that course, which then read what they have not seen from the table. So a watcher that
+reads slowly holds no queue in memory (it reads from its last position when it is ready),
+and a missed notification costs at most one poll interval, never an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections import defaultdict
+
+import asyncpg
+
+from lesson_progress import errors
+from lesson_progress.store.database import Connection, Database, Record
+
+log = logging.getLogger(__name__)
+
+EVENT_CHANNEL = "lesson_progress_events"
+# First key of the two-key advisory lock that orders a course's events (see migration 0002).
+EVENT_LOCK_NAMESPACE = 0x4C50  # "LP"
+EVENT_COLUMNS = """
+    course_id, user_id, kind, lesson_id, completed, time_spent_seconds, attempts, score,
+    first_started_at, last_accessed_at, completed_at, created_at, updated_at, bookmark,
+    bookmarked_at
+"""
+
+
+class EventKind(enum.IntEnum):
+    """Event kinds as stored; the values match ``ProgressEventKind`` of the API."""
+
+    STARTED = 1
+    ATTEMPTED = 2
+    COMPLETED = 3
+    COURSE_COMPLETED = 4
+    BOOKMARKED = 5
+
+
+# The position a new watch starts from: everything committed so far counts as seen.
+EVENT_HEAD = """
+SELECT EXISTS (SELECT FROM courses WHERE course_id = $1::uuid) AS course_exists,
+       GREATEST(
+           (SELECT max(event_id) FROM progress_events WHERE course_id = $1::uuid),
+           (SELECT purged_through FROM progress_event_purges WHERE course_id = $1::uuid),
+           0
+       ) AS head,
+       COALESCE(
+           (SELECT purged_through FROM progress_event_purges WHERE course_id = $1::uuid), 0
+       ) AS purged_through
+"""
+
+EVENTS_AFTER = f"""
+SELECT event_id, occurred_at, {EVENT_COLUMNS} FROM progress_events
+WHERE course_id = $1::uuid AND event_id > $2::bigint
+ORDER BY event_id
+LIMIT $3
+"""
+
+PURGED_THROUGH = """
+SELECT COALESCE(
+    (SELECT purged_through FROM progress_event_purges WHERE course_id = $1::uuid), 0
+)
+"""
+
+# Deletes a bounded slice of expired events and records, per course, how far it went.
+PURGE_EVENTS = """
+WITH gone AS (
+    DELETE FROM progress_events
+    WHERE event_id = ANY (ARRAY(
+        SELECT event_id FROM progress_events
+        WHERE occurred_at < now() - make_interval(secs => $1::double precision)
+        ORDER BY occurred_at
+        LIMIT $2
+    ))
+    RETURNING course_id, event_id
+),
+marks AS (
+    INSERT INTO progress_event_purges AS m (course_id, purged_through)
+    SELECT course_id, max(event_id) FROM gone
+    WHERE EXISTS (SELECT FROM courses c WHERE c.course_id = gone.course_id)
+    GROUP BY course_id
+    ON CONFLICT (course_id) DO UPDATE
+    SET purged_through = GREATEST(m.purged_through, EXCLUDED.purged_through)
+)
+SELECT count(*) FROM gone
+"""
+
+
+def _purged(course_id: str, position: int) -> errors.OutOfRange:
+    return errors.OutOfRange(
+        f"events of course {course_id} after event {position} were removed by the retention "
+        "window; start a new watch and reload the state with GetCourseProgress",
+        reason="EVENTS_PURGED",
+    )
+
+
+class EventStore:
+    """Reads the event outbox."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def start_position(self, course_id: str, after_event_id: int) -> int:
+        """Where a watch starts: ``after_event_id`` if still replayable, else the head."""
+
+        async def work(connection: Connection) -> int:
+            row = await connection.fetchrow(EVENT_HEAD, course_id)
+            assert row is not None
+            if not row["course_exists"]:
+                raise errors.NotFound(
+                    f"course {course_id} is not registered", reason="COURSE_NOT_FOUND"
+                )
+            if after_event_id == 0:
+                return int(row["head"])
+            if after_event_id < row["purged_through"]:
+                raise _purged(course_id, after_event_id)
+            return after_event_id
+
+        return await self.database.run(work)
+
+    async def events_after(self, course_id: str, position: int, limit: int) -> list[Record]:
+        """Up to ``limit`` events of the course after ``position``, in id order.
+
+        Raises OutOfRange if events after ``position`` were purged meanwhile.
+        """
+
+        async def work(connection: Connection) -> list[Record]:
+            rows = await connection.fetch(EVENTS_AFTER, course_id, position, limit)
+            if position < await connection.fetchval(PURGED_THROUGH, course_id):
+                raise _purged(course_id, position)
+            return rows
+
+        return await self.database.run(work)
+
+    async def purge(self, older_than_seconds: float, *, batch: int = 10_000) -> int:
+        """Removes events older than the retention window; returns how many."""
+        total = 0
+        while True:
+            deleted = int(
+                await self.database.run(
+                    lambda c: c.fetchval(PURGE_EVENTS, older_than_seconds, batch)
+                )
+            )
+            total += deleted
+            if deleted < batch:
+                return total
+
+
+class EventListener:
+    """One LISTEN connection per process that wakes the watchers of a notified course.
+
+    When the connection drops it reconnects (with backoff) and wakes every watcher, which
+    then catch up from the table: nothing is lost while it was away.
+    """
+
+    def __init__(self, url: str, *, reconnect_delay: float = 1.0) -> None:
+        self.url = url
+        self.reconnect_delay = reconnect_delay
+        self._watchers: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        """Starts listening in the background."""
+        self._task = asyncio.create_task(self._run(), name="event-listener")
+
+    async def stop(self) -> None:
+        """Stops listening and closes the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def subscribe(self, course_id: str) -> asyncio.Event:
+        """An event that is set whenever the course may have new events."""
+        wake = asyncio.Event()
+        self._watchers[course_id].add(wake)
+        return wake
+
+    def unsubscribe(self, course_id: str, wake: asyncio.Event) -> None:
+        """Stops waking ``wake``."""
+        watchers = self._watchers.get(course_id)
+        if watchers is not None:
+            watchers.discard(wake)
+            if not watchers:
+                del self._watchers[course_id]
+
+    def _notified(self, connection: object, pid: int, channel: str, payload: object) -> None:
+        for wake in self._watchers.get(str(payload), ()):
+            wake.set()
+
+    def _wake_all(self) -> None:
+        for watchers in self._watchers.values():
+            for wake in watchers:
+                wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            lost = asyncio.Event()
+            connection: asyncpg.Connection[Record] | None = None
+            try:
+                connection = await asyncpg.connect(self.url)
+                connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
+                await connection.add_listener(EVENT_CHANNEL, self._notified)
+                self.connected.set()
+                self._wake_all()  # catch up on anything committed while not listening
+                await lost.wait()
+                log.warning("event listener connection lost; reconnecting")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("event listener cannot connect (%s); retrying", exc)
+            finally:
+                self.connected.clear()
+                if connection is not None and not connection.is_closed():
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+            await asyncio.sleep(self.reconnect_delay)
