@@ -64,6 +64,8 @@ def server_config(database_url: str, **overrides: object) -> Config:
         "port": 0,
         "pool_size": 8,
         "migrate_on_start": False,
+        "metrics_port": None,
+        "log_format": "text",
     }
     settings.update(overrides)
     return Config(**settings)  # type: ignore[arg-type]

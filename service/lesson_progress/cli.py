@@ -1,4 +1,4 @@
-"""The ``lesson-progress`` command: ``serve`` and ``migrate``."""
+"""The ``lesson-progress`` command: ``serve``, ``migrate``, ``health`` and ``hash-token``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lesson_progress import config as config_module
 from lesson_progress import server
+from lesson_progress.auth import hash_token
 from lesson_progress.migrate import MigrationError
+from lesson_progress.observability import configure_logging
 
 log = logging.getLogger("lesson_progress")
 
@@ -26,6 +33,21 @@ def _parser() -> argparse.ArgumentParser:
     config_module.add_arguments(serve)
     migrate = commands.add_parser("migrate", help="apply pending database migrations and exit")
     config_module.add_arguments(migrate)
+    health = commands.add_parser(
+        "health", help="ask a running server's health service; exit 0 if SERVING, else 1"
+    )
+    health.add_argument(
+        "--address",
+        help="host:port of the server (default: 127.0.0.1 and LESSON_PROGRESS_PORT or 50051)",
+    )
+    health.add_argument("--service", default="", help="service name; empty for overall")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+    health.add_argument(
+        "--tls-ca", help="PEM CA to verify a TLS server (env LESSON_PROGRESS_HEALTH_TLS_CA)"
+    )
+    commands.add_parser(
+        "hash-token", help="read a bearer token on standard input and print its configured form"
+    )
     return parser
 
 
@@ -52,18 +74,46 @@ async def _migrate(config: config_module.Config) -> None:
             embedded_db.stop()
 
 
+async def _health(args: argparse.Namespace, ca: bytes | None) -> int:
+    address = args.address or f"127.0.0.1:{os.environ.get('LESSON_PROGRESS_PORT') or 50051}"
+    if ca is not None:
+        channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(ca))
+    else:
+        channel = grpc.aio.insecure_channel(address)
+    async with channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type the sync API only
+        try:
+            response = await stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            print(f"{address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{address} {args.service or '(overall)'}: {status}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lesson-progress`` command."""
     args = _parser().parse_args(argv)
+    if args.command == "health":
+        ca_path = args.tls_ca or os.environ.get("LESSON_PROGRESS_HEALTH_TLS_CA")
+        ca = Path(ca_path).read_bytes() if ca_path else None
+        return asyncio.run(_health(args, ca))
+    if args.command == "hash-token":
+        token = sys.stdin.readline().strip()
+        if not token:
+            print("lesson-progress: no token on standard input", file=sys.stderr)
+            return 2
+        print(hash_token(token))
+        return 0
     try:
         config = config_module.load(args, os.environ)
     except config_module.ConfigError as exc:
         print(f"lesson-progress: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log_level, config.log_format, config.access_log)
     try:
         if args.command == "serve":
             asyncio.run(_serve(config))

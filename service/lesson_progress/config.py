@@ -7,6 +7,7 @@ validated once, at start-up; ``ConfigError`` lists every bad value with what is 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,56 @@ class Config:
     log_level: str = "INFO"
     """Python logging level name (``LESSON_PROGRESS_LOG_LEVEL``)."""
 
+    log_format: str = "json"
+    """``json`` (one object per line) or ``text`` (``LESSON_PROGRESS_LOG_FORMAT``)."""
+
+    access_log: bool = True
+    """Whether every RPC is logged (``LESSON_PROGRESS_ACCESS_LOG``)."""
+
+    metrics_port: int | None = 9464
+    """Port of the Prometheus /metrics endpoint; None disables it, 0 picks any
+    (``LESSON_PROGRESS_METRICS_PORT``, ``off`` to disable)."""
+
+    metrics_host: str | None = None
+    """Address of the metrics endpoint; defaults to ``host`` (``LESSON_PROGRESS_METRICS_HOST``)."""
+
+    tls_cert_file: Path | None = None
+    """PEM server certificate chain; with ``tls_key_file`` turns TLS on (``..._TLS_CERT``)."""
+
+    tls_key_file: Path | None = None
+    """PEM private key of the server certificate (``LESSON_PROGRESS_TLS_KEY``)."""
+
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)
+    (``LESSON_PROGRESS_TLS_CLIENT_CA``)."""
+
+    auth_tokens_file: Path | None = None
+    """Callers' hashed bearer tokens and scopes (``LESSON_PROGRESS_AUTH_TOKENS_FILE``);
+    unset leaves the API open, which is only allowed on loopback or with ``insecure``."""
+
+    insecure: bool = False
+    """Allows listening beyond loopback without authentication (``LESSON_PROGRESS_INSECURE``)."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest request or response message (``LESSON_PROGRESS_MAX_MESSAGE_BYTES``)."""
+
+    max_concurrent_rpcs: int = 1000
+    """RPCs handled at once; more get RESOURCE_EXHAUSTED (``..._MAX_CONCURRENT_RPCS``)."""
+
+    max_streams: int = 200
+    """Server streams open at once; more get RESOURCE_EXHAUSTED (``..._MAX_STREAMS``)."""
+
+    keepalive_seconds: int = 60
+    """Interval of the server's keepalive pings on idle connections (``..._KEEPALIVE``)."""
+
+    health_check_interval_seconds: float = 5.0
+    """How often health re-checks the database and migrations (``..._HEALTH_INTERVAL``)."""
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server listens with TLS."""
+        return self.tls_cert_file is not None
+
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\Z")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -71,6 +122,16 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(f"{text!r} is not a duration such as 30s, 15m or 24h")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host in ("localhost", "localhost6"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +164,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="embedded PostgreSQL data (env ..._DATA_DIR)")
     parser.add_argument("--migrations-dir", help="SQL migrations (env ..._MIGRATIONS_DIR)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ... (env ..._LOG_LEVEL)")
+    parser.add_argument("--log-format", help="json or text (env ..._LOG_FORMAT)")
+    parser.add_argument("--metrics-port", help="Prometheus port, 'off' to disable (env ...)")
+    parser.add_argument("--metrics-host", help="Prometheus address (env ..._METRICS_HOST)")
+    parser.add_argument("--tls-cert", help="PEM certificate chain (env ..._TLS_CERT)")
+    parser.add_argument("--tls-key", help="PEM private key (env ..._TLS_KEY)")
+    parser.add_argument("--tls-client-ca", help="CA for client certificates (env ...)")
+    parser.add_argument("--auth-tokens-file", help="hashed tokens and scopes (env ...)")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow listening beyond loopback without authentication (env ..._INSECURE)",
+    )
+    parser.add_argument("--max-message-bytes", help="largest message (env ...)")
+    parser.add_argument("--max-concurrent-rpcs", help="RPCs at once (env ...)")
+    parser.add_argument("--max-streams", help="server streams at once (env ...)")
 
 
 def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
@@ -171,9 +248,67 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
             f"{ENV_PREFIX}MIGRATIONS_DIR (--migrations-dir): {migrations_dir} is not a directory"
         )
 
+    def boolean(flag: str, env: str, default: bool) -> bool:
+        if getattr(args, flag, None):
+            return True
+        value = environ.get(env)
+        if value is None or value == "":
+            return default
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        problems.append(f"{env}: {value!r} is not true or false")
+        return default
+
+    def path(flag: str, env: str) -> Path | None:
+        value = raw(flag, env)
+        if value is None:
+            return None
+        if not Path(value).is_file():
+            problems.append(f"{env} (--{flag.replace('_', '-')}): {value} is not a readable file")
+        return Path(value)
+
+    log_format = (raw("log_format", ENV_PREFIX + "LOG_FORMAT") or defaults.log_format).lower()
+    if log_format not in ("json", "text"):
+        problems.append(f"{ENV_PREFIX}LOG_FORMAT (--log-format): {log_format!r} is not json/text")
+
+    metrics_port: int | None = defaults.metrics_port
+    metrics_raw = raw("metrics_port", ENV_PREFIX + "METRICS_PORT")
+    if metrics_raw is not None and metrics_raw.lower() in ("off", "none", "disabled"):
+        metrics_port = None
+    else:
+        metrics_port = integer("metrics_port", ENV_PREFIX + "METRICS_PORT", 9464, 0, 65535)
+
+    tls_cert = path("tls_cert", ENV_PREFIX + "TLS_CERT")
+    tls_key = path("tls_key", ENV_PREFIX + "TLS_KEY")
+    tls_client_ca = path("tls_client_ca", ENV_PREFIX + "TLS_CLIENT_CA")
+    if (tls_cert is None) != (tls_key is None):
+        problems.append(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY go together")
+    if tls_client_ca is not None and tls_cert is None:
+        problems.append(f"{ENV_PREFIX}TLS_CLIENT_CA (mutual TLS) needs TLS_CERT and TLS_KEY")
+
+    auth_tokens_file = path("auth_tokens_file", ENV_PREFIX + "AUTH_TOKENS_FILE")
+    if auth_tokens_file is not None and auth_tokens_file.is_file():
+        from lesson_progress.auth import TokenFileError, load_callers
+
+        try:
+            load_callers(auth_tokens_file)
+        except TokenFileError as exc:
+            problems.append(f"{ENV_PREFIX}AUTH_TOKENS_FILE: {exc}")
+
+    host = raw("host", ENV_PREFIX + "HOST") or defaults.host
+    insecure = boolean("insecure", ENV_PREFIX + "INSECURE", defaults.insecure)
+    if auth_tokens_file is None and not insecure and not is_loopback(host):
+        problems.append(
+            f"{ENV_PREFIX}HOST (--host): refusing to listen on {host} without authentication; "
+            f"configure {ENV_PREFIX}AUTH_TOKENS_FILE, or pass --insecure "
+            f"({ENV_PREFIX}INSECURE=true) to serve an open API on purpose"
+        )
+
     config = Config(
         database_url=database_url,
-        host=raw("host", ENV_PREFIX + "HOST") or defaults.host,
+        host=host,
         port=integer("port", ENV_PREFIX + "PORT", defaults.port, 0, 65535),
         pool_size=integer("pool_size", ENV_PREFIX + "POOL_SIZE", defaults.pool_size, 1, 1000),
         max_heartbeat_seconds=integer(
@@ -206,6 +341,41 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         data_dir=Path(raw("data_dir", ENV_PREFIX + "DATA_DIR") or defaults.data_dir),
         migrations_dir=migrations_dir,
         log_level=log_level,
+        log_format=log_format,
+        access_log=boolean("access_log", ENV_PREFIX + "ACCESS_LOG", defaults.access_log),
+        metrics_port=metrics_port,
+        metrics_host=raw("metrics_host", ENV_PREFIX + "METRICS_HOST"),
+        tls_cert_file=tls_cert,
+        tls_key_file=tls_key,
+        tls_client_ca_file=tls_client_ca,
+        auth_tokens_file=auth_tokens_file,
+        insecure=insecure,
+        max_message_bytes=integer(
+            "max_message_bytes",
+            ENV_PREFIX + "MAX_MESSAGE_BYTES",
+            defaults.max_message_bytes,
+            1024,
+            1024**3,
+        ),
+        max_concurrent_rpcs=integer(
+            "max_concurrent_rpcs",
+            ENV_PREFIX + "MAX_CONCURRENT_RPCS",
+            defaults.max_concurrent_rpcs,
+            1,
+            1_000_000,
+        ),
+        max_streams=integer(
+            "max_streams", ENV_PREFIX + "MAX_STREAMS", defaults.max_streams, 1, 1_000_000
+        ),
+        keepalive_seconds=integer(
+            "keepalive", ENV_PREFIX + "KEEPALIVE", defaults.keepalive_seconds, 1, 86400
+        ),
+        health_check_interval_seconds=duration(
+            "health_interval",
+            ENV_PREFIX + "HEALTH_INTERVAL",
+            defaults.health_check_interval_seconds,
+            0.1,
+        ),
     )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

@@ -63,7 +63,25 @@ class OutOfRange(ServiceError):
     reason = "OUT_OF_RANGE"
 
 
-# --- the database's state ------------------------------------------------------------
+class Unauthenticated(ServiceError):
+    """The call carries no bearer token, or one the service does not know."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """The caller's token lacks the scope the method needs."""
+
+    reason = "MISSING_SCOPE"
+
+
+class ResourceExhausted(ServiceError):
+    """A server limit (such as the number of open streams) is reached."""
+
+    reason = "TOO_MANY_STREAMS"
+
+
+# --- the server's and the database's state -----------------------------------
 
 
 class Aborted(ServiceError):
@@ -73,7 +91,7 @@ class Aborted(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """The database cannot be reached."""
+    """The database cannot be reached, or the server is shutting down."""
 
     reason = "DATABASE_UNAVAILABLE"
 

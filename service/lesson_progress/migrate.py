@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def load_migrations(directory: Path) -> list[Migration]:
 
 
 async def _verify_applied(
-    connection: asyncpg.Connection, migrations: list[Migration]
+    connection: asyncpg.Connection | PoolConnectionProxy, migrations: list[Migration]
 ) -> list[Migration]:
     """Checks applied files against disk; returns the migrations still pending."""
     by_version = {m.version: m for m in migrations}
@@ -98,7 +99,9 @@ async def _verify_applied(
     return [m for m in migrations if m.version not in done]
 
 
-async def pending_migrations(connection: asyncpg.Connection, directory: Path) -> list[Migration]:
+async def pending_migrations(
+    connection: asyncpg.Connection | PoolConnectionProxy, directory: Path
+) -> list[Migration]:
     """The migrations not yet applied (raises MigrationError if applied ones changed)."""
     exists = await connection.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     migrations = load_migrations(directory)

@@ -6,19 +6,27 @@ Handlers are built from the service descriptor instead of the generated
 * a domain error raised by a handler becomes its gRPC status in one place (``status.py``),
   and an unexpected exception is logged and reported as INTERNAL;
 * a request that does not even parse (invalid UTF-8 in a string, a truncated message) is
-  INVALID_ARGUMENT, not the INTERNAL that gRPC would report for a failed deserializer.
+  INVALID_ARGUMENT, not the INTERNAL that gRPC would report for a failed deserializer;
+* the bearer token and its scope are checked first, and every RPC is counted, timed and
+  logged (one JSON line) with its final status code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor, message, message_factory
+from google.rpc import status_pb2
 
 from lesson_progress import errors, status
+from lesson_progress.auth import Authenticator
+from lesson_progress.observability import Metrics, log_rpc
 
 log = logging.getLogger(__name__)
 
@@ -55,59 +63,131 @@ def _check_parsed(request: object, method: str) -> None:
         )
 
 
-async def _report(context: Context, method: str, exc: BaseException) -> None:
+@dataclass
+class RpcPolicy:
+    """What every RPC goes through, besides its handler."""
+
+    authenticator: Authenticator | None = None
+    """Checks bearer tokens and scopes; None leaves the service open."""
+
+    metrics: Metrics | None = None
+    """Counts and times RPCs; None records nothing."""
+
+    max_streams: int = 0
+    """Most server streams open at once (0: no limit); more get RESOURCE_EXHAUSTED."""
+
+    open_streams: int = field(default=0, init=False)
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _status_of(method: str, exc: Exception) -> status_pb2.Status:
+    """The status an exception is reported as; unexpected ones are logged as bugs."""
     if isinstance(exc, errors.ServiceError):
-        await status.abort(context, status.to_rich_status(exc))
-    else:
-        log.exception("unexpected error in %s", method, exc_info=exc)
-        await status.abort(context, status.internal_status())
+        return status.to_rich_status(exc)
+    log.exception("unexpected error in %s", method, exc_info=exc)
+    return status.internal_status()
 
 
-def _wrap_unary(method: str, impl: UnaryHandler) -> UnaryHandler:
+def _request_id(request: object) -> str:
+    value = getattr(request, "request_id", "")
+    return value if isinstance(value, str) else ""
+
+
+def _wrap_unary(method: str, impl: UnaryHandler, policy: RpcPolicy) -> UnaryHandler:
+    metrics = policy.metrics
+
     async def handle(request: Any, context: Context) -> Any:
+        started = time.perf_counter()
+        code = "OK"
+        if metrics is not None:
+            metrics.in_flight.labels(method).inc()
         try:
+            if policy.authenticator is not None:
+                policy.authenticator.authorize(method, context.invocation_metadata() or ())
             _check_parsed(request, method)
             return await impl(request, context)
-        except grpc.aio.AbortError:
+        except asyncio.CancelledError:
+            code = "CANCELLED"
             raise
         except Exception as exc:
-            await _report(context, method, exc)
+            rich = _status_of(method, exc)
+            code = _CODE_NAMES[rich.code]
+            await status.abort(context, rich)
+        finally:
+            if metrics is not None:
+                metrics.in_flight.labels(method).dec()
+                metrics.requests.labels(method, code).inc()
+                metrics.latency.labels(method).observe(time.perf_counter() - started)
+            log_rpc(method, code, started, context.peer(), _request_id(request))
 
     return handle
 
 
-def _wrap_stream(method: str, impl: StreamHandler) -> StreamHandler:
+def _wrap_stream(method: str, impl: StreamHandler, policy: RpcPolicy) -> StreamHandler:
+    metrics = policy.metrics
+
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        code = "OK"
+        counted = False
         try:
+            if policy.authenticator is not None:
+                policy.authenticator.authorize(method, context.invocation_metadata() or ())
             _check_parsed(request, method)
+            if policy.max_streams and policy.open_streams >= policy.max_streams:
+                raise errors.ResourceExhausted(
+                    f"the server has {policy.max_streams} streams open; retry later"
+                )
+            policy.open_streams += 1
+            counted = True
+            if metrics is not None:
+                metrics.open_streams.labels(method).inc()
             async for response in impl(request, context):
                 yield response
-        except grpc.aio.AbortError:
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
             raise
         except Exception as exc:
-            await _report(context, method, exc)
+            rich = _status_of(method, exc)
+            code = _CODE_NAMES[rich.code]
+            await status.abort(context, rich)
+        finally:
+            if counted:
+                policy.open_streams -= 1
+                if metrics is not None:
+                    metrics.open_streams.labels(method).dec()
+            if metrics is not None:
+                metrics.requests.labels(method, code).inc()
+                metrics.latency.labels(method).observe(time.perf_counter() - started)
+            log_rpc(method, code, started, context.peer(), "")
 
     return handle
 
 
 def add_servicer(
-    server: grpc.aio.Server, servicer: object, service: descriptor.ServiceDescriptor
+    server: grpc.aio.Server,
+    servicer: object,
+    service: descriptor.ServiceDescriptor,
+    policy: RpcPolicy,
 ) -> None:
     """Registers every method of ``service``, implemented by ``servicer``, on ``server``."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         impl = getattr(servicer, method.name)
+        path = f"/{service.full_name}/{method.name}"
         request_cls = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method.full_name, impl),
+                _wrap_stream(path, impl, policy),
                 request_deserializer=_deserializer(request_cls),
                 response_serializer=response_cls.SerializeToString,
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method.full_name, impl),
+                _wrap_unary(path, impl, policy),
                 request_deserializer=_deserializer(request_cls),
                 response_serializer=response_cls.SerializeToString,
             )

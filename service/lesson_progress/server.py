@@ -10,10 +10,16 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from lesson_progress import embedded, migrate, rpc
-from lesson_progress.config import Config
+from lesson_progress.auth import Authenticator, load_callers
+from lesson_progress.config import Config, is_loopback
+from lesson_progress.health import HealthReporter
+from lesson_progress.observability import Metrics
 from lesson_progress.page_tokens import PageTokens
+from lesson_progress.rpc import RpcPolicy
 from lesson_progress.servicers import AnalyticsServicer, CatalogServicer, ProgressServicer
 from lesson_progress.store import CatalogStore, Database, ProgressStore
 from lesson_progress.store.analytics import AnalyticsStore
@@ -54,11 +60,19 @@ class RunningServer:
     database: Database
     port: int
     listener: EventListener
+    health: HealthReporter
+    metrics: Metrics
+    metrics_port: int | None
+    shutting_down: asyncio.Event
     embedded_db: embedded.EmbeddedPostgres | None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None) -> None:
-        """Finishes in-flight RPCs within ``grace`` seconds, then closes everything."""
+        """Graceful shutdown: health goes NOT_SERVING, new RPCs are refused, in-flight
+        unary RPCs get ``grace`` seconds, watch streams end with UNAVAILABLE, then the
+        pool and everything else close."""
+        await self.health.shut_down()
+        self.shutting_down.set()
         await self.server.stop(grace)
         await self.listener.stop()
         for task in self.tasks:
@@ -67,8 +81,35 @@ class RunningServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.database.close()
+        self.metrics.close()
         if self.embedded_db is not None:
             self.embedded_db.stop()
+
+
+def _server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    if not config.tls:
+        return None
+    assert config.tls_cert_file is not None
+    assert config.tls_key_file is not None
+    client_ca = config.tls_client_ca_file.read_bytes() if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _server_options(config: Config) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", config.keepalive_seconds * 1000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Clients may ping every 10 s; more often is answered with GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 async def start(config: Config) -> RunningServer:
@@ -85,10 +126,25 @@ async def start(config: Config) -> RunningServer:
     event_store = EventStore(database)
     listener = EventListener(url)
     listener.start()
+    shutting_down = asyncio.Event()
 
-    server = grpc.aio.server()
+    metrics = Metrics(database.pool)
+    authenticator = None
+    if config.auth_tokens_file is not None:
+        authenticator = Authenticator(load_callers(config.auth_tokens_file))
+    elif not is_loopback(config.host):
+        log.warning(
+            "INSECURE: serving an unauthenticated API on %s (--insecure); anyone who can "
+            "reach this port can read and erase learners' progress",
+            config.host,
+        )
+    policy = RpcPolicy(authenticator=authenticator, metrics=metrics, max_streams=config.max_streams)
+
+    server = grpc.aio.server(
+        options=_server_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs
+    )
     catalog, progress, analytics = SERVICES
-    rpc.add_servicer(server, CatalogServicer(CatalogStore(database)), catalog)
+    rpc.add_servicer(server, CatalogServicer(CatalogStore(database)), catalog, policy)
     rpc.add_servicer(
         server,
         ProgressServicer(
@@ -97,14 +153,60 @@ async def start(config: Config) -> RunningServer:
             listener,
             PageTokens(bytes(key)),
             max_heartbeat_seconds=config.max_heartbeat_seconds,
+            shutting_down=shutting_down,
         ),
         progress,
+        policy,
     )
-    rpc.add_servicer(server, AnalyticsServicer(AnalyticsStore(database)), analytics)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    rpc.add_servicer(server, AnalyticsServicer(AnalyticsStore(database)), analytics, policy)
+
+    health = HealthReporter(
+        database,
+        config.migrations_dir,
+        [service.full_name for service in SERVICES],
+        interval=config.health_check_interval_seconds,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *(service.full_name for service in SERVICES),
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    await health.update()
+
+    address = f"{config.host}:{config.port}"
+    credentials = _server_credentials(config)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     await server.start()
-    log.info("serving lessonprogress.v1 on %s:%d", config.host, port)
-    running = RunningServer(server, database, port, listener, embedded_db)
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = metrics.serve(config.metrics_host or config.host, config.metrics_port)
+    log.info(
+        "serving lessonprogress.v1 on %s:%d (%s, %s); metrics on %s",
+        config.host,
+        port,
+        "TLS" if config.tls else "plaintext",
+        "token auth" if authenticator else "no auth",
+        f"port {metrics_port}" if metrics_port is not None else "off",
+    )
+    running = RunningServer(
+        server,
+        database,
+        port,
+        listener,
+        health,
+        metrics,
+        metrics_port,
+        shutting_down,
+        embedded_db,
+    )
+    running.tasks.append(asyncio.create_task(health.run()))
     running.tasks.append(
         asyncio.create_task(
             _every(

@@ -22,6 +22,9 @@ _CODES: dict[type[errors.ServiceError], int] = {
     errors.OutOfRange: code_pb2.OUT_OF_RANGE,
     errors.Aborted: code_pb2.ABORTED,
     errors.Unavailable: code_pb2.UNAVAILABLE,
+    errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
+    errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
+    errors.ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -54,6 +54,7 @@ class ProgressServicer:
         tokens: PageTokens,
         *,
         max_heartbeat_seconds: int,
+        shutting_down: asyncio.Event | None = None,
         watch_poll_seconds: float = 5.0,
     ) -> None:
         self.store = store
@@ -62,6 +63,7 @@ class ProgressServicer:
         self.tokens = tokens
         self.max_heartbeat_seconds = max_heartbeat_seconds
         self.watch_poll_seconds = watch_poll_seconds
+        self.shutting_down = shutting_down or asyncio.Event()
 
     def _heartbeat(self, request: pb.RecordTimeRequest, check: Validator) -> Heartbeat:
         user_id, course_id, lesson_id = _lesson_key(request, check)
@@ -268,7 +270,13 @@ class ProgressServicer:
                     continue
                 # A notification wakes us; the timeout only covers a lost LISTEN connection.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.watch_poll_seconds)
+                    async with asyncio.timeout(self.watch_poll_seconds):
+                        await _first(wake.wait(), self.shutting_down.wait())
+                if self.shutting_down.is_set():
+                    raise errors.Unavailable(
+                        f"the server is shutting down; watch again with after_event_id={position}",
+                        reason="SHUTTING_DOWN",
+                    )
         finally:
             self.listener.unsubscribe(course_id, wake)
 
@@ -281,6 +289,16 @@ class ProgressServicer:
         check.done()
         deleted = await self.store.delete_user_progress(user_id)
         return pb.DeleteUserProgressResponse(deleted_lessons=deleted)
+
+
+async def _first(*waits: Coroutine[Any, Any, object]) -> None:
+    """Waits until the first of ``waits`` finishes, then cancels the others."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _page_size(value: int, check: Validator) -> int:
