@@ -136,9 +136,11 @@ CREATE TABLE processed_requests (
     PRIMARY KEY (user_id, request_id)
 );
 
--- Serves the retention purge (DELETE ... WHERE created_at < cutoff). Rows are never
--- updated, so this index costs no HOT update.
+-- Serve the retention purge (DELETE ... WHERE created_at < cutoff) and DeleteCourse, which
+-- forgets the course's request ids so that a retry after the course is registered again
+-- is applied afresh. Rows are never updated, so these indexes cost no HOT update.
 CREATE INDEX processed_requests_created_at_idx ON processed_requests (created_at);
+CREATE INDEX processed_requests_course_idx ON processed_requests (course_id);
 
 -- Secrets shared by every replica, generated once: the key that signs page tokens.
 CREATE TABLE service_secrets (

@@ -14,8 +14,9 @@ import hmac
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from lesson_progress import errors
+from lesson_progress.validation import Validator
 
 _MAC_BYTES = 16
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -35,18 +36,26 @@ class PageTokens:
         payload = json.dumps([list(query), list(position)], separators=(",", ":")).encode()
         return base64.urlsafe_b64encode(payload + self._mac(payload)).decode().rstrip("=")
 
-    def parse(self, token: str, query: Sequence[object]) -> list[object]:
-        """The position in ``token``; INVALID_ARGUMENT unless it was issued for ``query``."""
+    def parse(self, token: str, query: Sequence[object], check: Validator) -> list[Any] | None:
+        """The position in ``token``, or None for the first page.
+
+        Records a violation of ``page_token`` in ``check`` unless this service issued the
+        token for ``query``. The query is only compared once the other fields are valid:
+        a token cannot match a query with malformed ids, and saying so would mislead.
+        """
+        if not token:
+            return None
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (binascii.Error, ValueError):
             raw = b""
         payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
         if len(raw) <= _MAC_BYTES or not hmac.compare_digest(mac, self._mac(payload)):
-            raise _invalid("was not issued by this service")
+            check.fail("page_token", "was not issued by this service")
+            return None
         issued_query, position = json.loads(payload)
-        if issued_query != list(query):
-            raise _invalid("was issued for a different query; repeat the original request")
+        if not check.violations and issued_query != list(query):
+            check.fail("page_token", "was issued for a different query; repeat that query")
         return list(position)
 
 
@@ -59,7 +68,3 @@ def encode_time(value: datetime) -> int:
 def decode_time(micros: int) -> datetime:
     """The inverse of ``encode_time``."""
     return _EPOCH + timedelta(microseconds=micros)
-
-
-def _invalid(description: str) -> errors.InvalidArgument:
-    return errors.InvalidArgument.of("page_token", description, reason="INVALID_PAGE_TOKEN")

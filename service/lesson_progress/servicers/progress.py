@@ -158,14 +158,10 @@ class ProgressServicer:
         user_id = check.uuid("user_id", request.user_id)
         course_id = check.uuid("course_id", request.course_id)
         page_size = _page_size(request.page_size, check)
-        check.done()
         query = ("ListLessonProgress", user_id, course_id, request.completed_only)
-        after = None
-        if request.page_token:
-            micros, lesson_id = self.tokens.parse(request.page_token, query)
-            if not isinstance(micros, int) or not isinstance(lesson_id, str):
-                raise errors.InvalidArgument.of("page_token", "is malformed")
-            after = PageCursor(decode_time(micros), lesson_id)
+        position = self.tokens.parse(request.page_token, query, check)
+        check.done()
+        after = PageCursor(decode_time(position[0]), position[1]) if position else None
         rows = await self.store.list_lesson_progress(
             user_id,
             course_id,
@@ -214,14 +210,10 @@ class ProgressServicer:
         check = Validator()
         key = _lesson_key(request, check)
         page_size = _page_size(request.page_size, check)
-        check.done()
         query = ("ListAttempts", *key)
-        after = 0
-        if request.page_token:
-            (number,) = self.tokens.parse(request.page_token, query)
-            if not isinstance(number, int):
-                raise errors.InvalidArgument.of("page_token", "is malformed")
-            after = number
+        position = self.tokens.parse(request.page_token, query, check)
+        check.done()
+        after = position[0] if position else 0
         rows = await self.store.list_attempts(*key, after=after, limit=page_size + 1)
         rows, next_token = self._split_page(
             rows, page_size, query, lambda last: (last["attempt_number"],)

@@ -70,9 +70,11 @@ ORDER BY position
 """
 
 # Progress rows are counted before the cascade (courses -> lessons -> lesson_progress ->
-# lesson_attempts, and courses -> course_progress) removes them.
+# lesson_attempts; courses -> course_progress, progress_events) removes them. The course's
+# remembered request ids go too: a retry after the course is registered again is new work.
 DELETE_COURSE = """
 WITH progress AS (SELECT count(*) AS n FROM lesson_progress WHERE course_id = $1::uuid),
+     requests AS (DELETE FROM processed_requests WHERE course_id = $1::uuid),
      course AS (DELETE FROM courses WHERE course_id = $1::uuid RETURNING 1)
 SELECT (SELECT count(*) FROM course) AS deleted_courses, progress.n AS deleted_lessons
 FROM progress

@@ -1,0 +1,849 @@
+"""A typed async client for the lesson progress service, for calling teams.
+
+Usage::
+
+    from lesson_progress.client import ProgressClient, ProgressError
+
+    async with ProgressClient("lesson-progress:50051", token=token) as client:
+        lesson = await client.record_time(
+            user_id=user_id, course_id=course_id, lesson_id="intro", seconds=30
+        )
+        print(lesson.time_spent_seconds)
+        async for stats in client.stream_lesson_stats(course_id=course_id):
+            print(stats.lesson_id, stats.completion_rate)
+
+What the client does for every call:
+
+* **Deadline.** Every unary call has one (``timeout``, 5 s by default). It covers the whole
+  logical call, retries and back-off included: a call never takes longer than its deadline.
+  Streams have none unless one is given (``stream_timeout`` or the call's ``timeout``).
+* **Retries.** ``UNAVAILABLE`` (the server or its database cannot be reached) and
+  ``ABORTED`` (a write lost a race repeatedly) are retried up to ``retries`` times with
+  exponential back-off and jitter; no other code is retried.
+* **Safe retries.** ``record_time``, ``record_attempt``, ``complete_lesson`` and every entry
+  of ``batch_record_time`` carry a ``request_id``. When the caller gives none, a fresh UUID is
+  generated once per logical call and sent unchanged on every retry, so the service applies
+  the write at most once even when an attempt committed but its response was lost.
+* **Authentication.** ``token`` is sent as ``authorization: Bearer <token>`` metadata.
+* **TLS.** ``root_certificates`` (and ``certificate_chain`` + ``private_key`` for mutual
+  TLS) or ``tls=True`` (system roots) make a TLS channel; without them the channel is
+  plaintext, for loopback or a service mesh that provides TLS.
+* **Errors.** A failed call raises :class:`ProgressError` with the status code, the message,
+  the ``google.rpc.ErrorInfo`` reason and the ``google.rpc.BadRequest`` field violations
+  that the service sends in the ``grpc-status-details-bin`` trailer.
+
+Streams are async generators. Leaving an ``async for`` early does not end the call until the
+generator is closed: wrap it in ``contextlib.aclosing`` (or call ``aclose()``) to cancel the
+call at once.
+"""
+
+# ASYNC109: ``timeout`` is the gRPC deadline sent to the server with each call (grpc's own
+# name for it), not a local wait that ``asyncio.timeout`` could replace.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+import grpc
+from google.protobuf import message as protobuf_message
+from google.rpc import error_details_pb2, status_pb2
+
+from lessonprogress.v1 import (
+    analytics_service_pb2,
+    analytics_service_pb2_grpc,
+    catalog_service_pb2,
+    catalog_service_pb2_grpc,
+    progress_service_pb2,
+    progress_service_pb2_grpc,
+    resources_pb2,
+)
+
+__all__ = [
+    "DOMAIN",
+    "RETRYABLE_CODES",
+    "Attempt",
+    "CompleteLessonResponse",
+    "Course",
+    "CourseProgress",
+    "DifficultLesson",
+    "FieldViolation",
+    "Heartbeat",
+    "Lesson",
+    "LessonProgress",
+    "LessonStats",
+    "ListAttemptsResponse",
+    "ListLessonProgressResponse",
+    "ProgressClient",
+    "ProgressError",
+    "ProgressEvent",
+    "ProgressEventKind",
+    "RecordAttemptResponse",
+    "RecordTimeRequest",
+]
+
+log = logging.getLogger(__name__)
+
+#: The ``google.rpc.ErrorInfo`` domain of the service's errors.
+DOMAIN: Final = "lessonprogress.v1"
+
+#: Status codes that the client retries: every other code is raised at once.
+RETRYABLE_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+
+_STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
+_USER_AGENT: Final = "lesson-progress-client/0.1"
+
+# The resources and responses that the client's methods return, under short names.
+Lesson = resources_pb2.Lesson
+Course = resources_pb2.Course
+LessonProgress = resources_pb2.LessonProgress
+CourseProgress = resources_pb2.CourseProgress
+Attempt = resources_pb2.Attempt
+ProgressEvent = resources_pb2.ProgressEvent
+ProgressEventKind = resources_pb2.ProgressEventKind
+LessonStats = resources_pb2.LessonStats
+DifficultLesson = resources_pb2.DifficultLesson
+RecordTimeRequest = progress_service_pb2.RecordTimeRequest
+RecordAttemptResponse = progress_service_pb2.RecordAttemptResponse
+CompleteLessonResponse = progress_service_pb2.CompleteLessonResponse
+ListLessonProgressResponse = progress_service_pb2.ListLessonProgressResponse
+ListAttemptsResponse = progress_service_pb2.ListAttemptsResponse
+
+RequestT = TypeVar("RequestT", bound=protobuf_message.Message)
+ResponseT = TypeVar("ResponseT", bound=protobuf_message.Message)
+ItemT = TypeVar("ItemT")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field named by a ``google.rpc.BadRequest``: ``requests[3].seconds``, why."""
+
+    field: str
+    description: str
+
+
+class ProgressError(Exception):
+    """A call that failed, with what the service said about it.
+
+    ``code`` is the gRPC status code; ``reason`` the ``google.rpc.ErrorInfo`` reason
+    (``LESSON_NOT_FOUND``, ``DATABASE_UNAVAILABLE``, ...; ``None`` when the failure did not
+    come from the service, e.g. a connection that could not be made); ``field_violations``
+    the bad fields of an ``INVALID_ARGUMENT``; ``attempts`` how many times the call was
+    sent, retries included.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str | None = None,
+        domain: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[FieldViolation] = (),
+        attempts: int = 1,
+    ) -> None:
+        text = f"{code.name}: {message}"
+        if reason:
+            text += f" (reason {reason})"
+        super().__init__(text)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.domain = domain
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.field_violations: tuple[FieldViolation, ...] = tuple(field_violations)
+        self.attempts = attempts
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The names of the bad fields (empty unless the code is INVALID_ARGUMENT)."""
+        return frozenset(violation.field for violation in self.field_violations)
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the client would retry this code (UNAVAILABLE or ABORTED)."""
+        return self.code in RETRYABLE_CODES
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.aio.AioRpcError, *, attempts: int = 1) -> ProgressError:
+        """Builds the error from a failed call and its ``grpc-status-details-bin`` trailer."""
+        code = error.code()
+        message = error.details() or ""
+        reason: str | None = None
+        domain: str | None = None
+        metadata: dict[str, str] = {}
+        violations: list[FieldViolation] = []
+        status = _rich_status(error)
+        if status is not None:
+            message = str(status.message) or message
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                bad_request = error_details_pb2.BadRequest()
+                if detail.Unpack(info):
+                    reason = str(info.reason)
+                    domain = str(info.domain)
+                    metadata = {str(k): str(v) for k, v in info.metadata.items()}
+                elif detail.Unpack(bad_request):
+                    violations.extend(
+                        FieldViolation(str(v.field), str(v.description))
+                        for v in bad_request.field_violations
+                    )
+        return cls(
+            code,
+            message,
+            reason=reason,
+            domain=domain,
+            metadata=metadata,
+            field_violations=violations,
+            attempts=attempts,
+        )
+
+
+def _rich_status(error: grpc.aio.AioRpcError) -> Any:
+    """The ``google.rpc.Status`` of a failed call, or None when there is none (or garbage)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            try:
+                return status_pb2.Status.FromString(value)
+            except protobuf_message.DecodeError:
+                return None
+    return None
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """One entry of :meth:`ProgressClient.batch_record_time`.
+
+    ``request_id`` is the entry's idempotency key; when None the client generates one.
+    """
+
+    user_id: str
+    course_id: str
+    lesson_id: str
+    seconds: int
+    request_id: str | None = None
+
+
+def _request_id(given: str | None) -> str:
+    """The caller's request id, or a fresh UUID (generated once per logical call)."""
+    return given if given else str(uuid.uuid4())
+
+
+def _heartbeat_request(entry: Heartbeat | RecordTimeRequest) -> RecordTimeRequest:
+    """A batch entry as a request message with its request id fixed."""
+    if isinstance(entry, Heartbeat):
+        return RecordTimeRequest(
+            user_id=entry.user_id,
+            course_id=entry.course_id,
+            lesson_id=entry.lesson_id,
+            seconds=entry.seconds,
+            request_id=_request_id(entry.request_id),
+        )
+    request = RecordTimeRequest()
+    request.CopyFrom(entry)
+    request.request_id = _request_id(entry.request_id)
+    return request
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+class ProgressClient:
+    """Async client of CatalogService, ProgressService and AnalyticsService.
+
+    Use it as an async context manager (``async with ProgressClient(...) as client``), or
+    call :meth:`close` when done. One client (one channel) can serve any number of
+    concurrent calls; create it once per process and share it.
+
+    Args:
+        target: ``host:port`` of the service (any gRPC target, e.g. ``dns:///svc:50051``).
+        token: bearer token sent as ``authorization: Bearer <token>`` on every call.
+        root_certificates: PEM CA certificates that sign the server's certificate; makes the
+            channel use TLS.
+        certificate_chain: PEM client certificate chain for mutual TLS (with
+            ``private_key``).
+        private_key: PEM private key of ``certificate_chain``.
+        tls: use TLS with the system's root certificates even if no certificate is given.
+        tls_server_name: the name to verify the server certificate against, when it differs
+            from the host in ``target``.
+        timeout: default deadline in seconds of each unary call, retries included; None for
+            none (not recommended).
+        stream_timeout: default deadline of each stream; None (the default) for none.
+        retries: how many times a call that failed with UNAVAILABLE or ABORTED is retried.
+        backoff_initial: back-off before the first retry, in seconds (before jitter).
+        backoff_multiplier: factor applied to the back-off after each retry.
+        backoff_max: upper bound of one back-off, in seconds.
+        options: extra gRPC channel options (keepalive, message sizes, ...).
+        interceptors: grpc.aio client interceptors (tracing, logging, ...).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        tls: bool = False,
+        tls_server_name: str | None = None,
+        timeout: float | None = 5.0,
+        stream_timeout: float | None = None,
+        retries: int = 4,
+        backoff_initial: float = 0.2,
+        backoff_multiplier: float = 2.0,
+        backoff_max: float = 5.0,
+        options: Sequence[tuple[str, Any]] = (),
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    ) -> None:
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("mutual TLS needs both certificate_chain and private_key")
+        for name, value in (("timeout", timeout), ("stream_timeout", stream_timeout)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+        if retries < 0:
+            raise ValueError(f"retries must not be negative, got {retries}")
+        if backoff_initial <= 0 or backoff_max < backoff_initial or backoff_multiplier < 1:
+            raise ValueError(
+                "back-off needs 0 < backoff_initial <= backoff_max and backoff_multiplier >= 1"
+            )
+        self.target = target
+        self._timeout = timeout
+        self._stream_timeout = stream_timeout
+        self._retries = retries
+        self._backoff_initial = backoff_initial
+        self._backoff_multiplier = backoff_multiplier
+        self._backoff_max = backoff_max
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+
+        channel_options: list[tuple[str, Any]] = [("grpc.primary_user_agent", _USER_AGENT)]
+        if tls_server_name:
+            channel_options.append(("grpc.ssl_target_name_override", tls_server_name))
+        channel_options.extend(options)
+        if tls or root_certificates is not None or certificate_chain is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates,
+                private_key=private_key,
+                certificate_chain=certificate_chain,
+            )
+            self._channel = grpc.aio.secure_channel(
+                target, credentials, options=channel_options, interceptors=interceptors
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(
+                target, options=channel_options, interceptors=interceptors
+            )
+        self._catalog = catalog_service_pb2_grpc.CatalogServiceStub(self._channel)
+        self._progress = progress_service_pb2_grpc.ProgressServiceStub(self._channel)
+        self._analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The underlying channel, e.g. for the standard health service's stub."""
+        return self._channel
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel; calls still in flight are cancelled."""
+        await self._channel.close()
+
+    # --- call machinery ----------------------------------------------------------------------
+
+    def _backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (0-based): exponential, jittered.
+
+        The delay is drawn uniformly between half and all of the exponential back-off, so
+        that many clients failing together do not retry in lockstep.
+        """
+        ceiling = min(self._backoff_max, self._backoff_initial * self._backoff_multiplier**retry)
+        return random.uniform(ceiling / 2, ceiling)
+
+    async def _unary(
+        self,
+        name: str,
+        method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+        timeout: float | None,
+    ) -> ResponseT:
+        """Sends ``request``, retrying UNAVAILABLE and ABORTED within the call's deadline.
+
+        The same request message (so the same request ids) is sent on every attempt.
+        """
+        loop = asyncio.get_running_loop()
+        budget = self._timeout if timeout is None else timeout
+        deadline = None if budget is None else loop.time() + budget
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                return await method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                error = ProgressError.from_rpc_error(exc, attempts=attempt)
+                delay = self._retry_delay(name, error, attempt, deadline)
+                if delay is None:
+                    raise error from exc
+            await asyncio.sleep(delay)
+
+    def _retry_delay(
+        self, name: str, error: ProgressError, attempt: int, deadline: float | None
+    ) -> float | None:
+        """The back-off before retrying a failed attempt, or None if it is not retried."""
+        if not error.retryable or attempt > self._retries:
+            return None
+        delay = self._backoff(attempt - 1)
+        if deadline is not None and asyncio.get_running_loop().time() + delay >= deadline:
+            return None
+        log.info(
+            "%s failed with %s (%s); retry %d of %d in %.2fs",
+            name,
+            error.code.name,
+            error.reason or error.message,
+            attempt,
+            self._retries,
+            delay,
+        )
+        return delay
+
+    async def _stream(
+        self,
+        name: str,
+        method: grpc.aio.UnaryStreamMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+        timeout: float | None,
+        unwrap: Callable[[ResponseT], ItemT],
+        resume: Callable[[RequestT, ResponseT], RequestT] | None = None,
+    ) -> AsyncGenerator[ItemT, None]:
+        """Yields ``unwrap(response)`` for each response of a server stream.
+
+        UNAVAILABLE and ABORTED are retried while nothing has been delivered yet. With
+        ``resume``, they are also retried later on, with the request that ``resume`` builds
+        from the last delivered response (the retry count starts over after each response).
+        Closing the generator cancels the call.
+        """
+        loop = asyncio.get_running_loop()
+        budget = self._stream_timeout if timeout is None else timeout
+        deadline = None if budget is None else loop.time() + budget
+        delivered = False
+        failures = 0
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            call = method(request, timeout=remaining, metadata=self._metadata)
+            try:
+                async for response in call:
+                    if resume is not None:
+                        request = resume(request, response)
+                        failures = 0
+                    delivered = True
+                    yield unwrap(response)
+                return
+            except grpc.aio.AioRpcError as exc:
+                failures += 1
+                error = ProgressError.from_rpc_error(exc, attempts=failures)
+                retry = resume is not None or not delivered
+                delay = self._retry_delay(name, error, failures, deadline) if retry else None
+                if delay is None:
+                    raise error from exc
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+
+    # --- CatalogService ----------------------------------------------------------------------
+
+    async def upsert_course(
+        self,
+        *,
+        course_id: str,
+        title: str = "",
+        lessons: Iterable[Lesson] = (),
+        timeout: float | None = None,
+    ) -> Course:
+        """Creates a course or replaces its outline; ``lessons`` in lesson order.
+
+        Build lessons with ``Lesson(lesson_id=..., title=..., assessed=..., passing_score=...)``.
+        Raises ProgressError INVALID_ARGUMENT for a malformed id, title or lesson.
+        """
+        request = catalog_service_pb2.UpsertCourseRequest(
+            course_id=course_id, title=title, lessons=list(lessons)
+        )
+        response = await self._unary("UpsertCourse", self._catalog.UpsertCourse, request, timeout)
+        return response.course
+
+    async def get_course(self, *, course_id: str, timeout: float | None = None) -> Course:
+        """The course with its lessons in order; NOT_FOUND if it is not registered."""
+        request = catalog_service_pb2.GetCourseRequest(course_id=course_id)
+        response = await self._unary("GetCourse", self._catalog.GetCourse, request, timeout)
+        return response.course
+
+    async def delete_course(self, *, course_id: str, timeout: float | None = None) -> int:
+        """Deletes a course and all progress in it; returns the lesson rows deleted.
+
+        NOT_FOUND if it is not registered; note that after a retried UNAVAILABLE, NOT_FOUND
+        can mean that the failed attempt did delete it.
+        """
+        request = catalog_service_pb2.DeleteCourseRequest(course_id=course_id)
+        response = await self._unary("DeleteCourse", self._catalog.DeleteCourse, request, timeout)
+        return int(response.deleted_lessons)
+
+    # --- ProgressService ---------------------------------------------------------------------
+
+    async def start_lesson(
+        self, *, user_id: str, course_id: str, lesson_id: str, timeout: float | None = None
+    ) -> LessonProgress:
+        """Records that the learner opened a lesson; returns the lesson progress."""
+        request = progress_service_pb2.StartLessonRequest(
+            user_id=user_id, course_id=course_id, lesson_id=lesson_id
+        )
+        response = await self._unary("StartLesson", self._progress.StartLesson, request, timeout)
+        return response.lesson
+
+    async def record_time(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        lesson_id: str,
+        seconds: int,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> LessonProgress:
+        """Adds ``seconds`` of heartbeat time to a lesson; returns the lesson progress.
+
+        ``request_id`` (a UUID) makes the write idempotent; one is generated if not given,
+        and reused on every retry. INVALID_ARGUMENT for ``seconds`` outside 1..max.
+        """
+        request = progress_service_pb2.RecordTimeRequest(
+            user_id=user_id,
+            course_id=course_id,
+            lesson_id=lesson_id,
+            seconds=seconds,
+            request_id=_request_id(request_id),
+        )
+        response = await self._unary("RecordTime", self._progress.RecordTime, request, timeout)
+        return response.lesson
+
+    async def batch_record_time(
+        self, heartbeats: Iterable[Heartbeat | RecordTimeRequest], *, timeout: float | None = None
+    ) -> list[LessonProgress]:
+        """Adds many heartbeats atomically; returns one lesson progress per entry, in order.
+
+        Entries without a request id get a generated one, reused on every retry. One bad
+        entry rejects the whole batch: INVALID_ARGUMENT naming ``requests[i].<field>``.
+        """
+        request = progress_service_pb2.BatchRecordTimeRequest(
+            requests=[_heartbeat_request(entry) for entry in heartbeats]
+        )
+        response = await self._unary(
+            "BatchRecordTime", self._progress.BatchRecordTime, request, timeout
+        )
+        return list(response.lessons)
+
+    async def record_attempt(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        lesson_id: str,
+        score: int,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> RecordAttemptResponse:
+        """Records a scored attempt (0-100); returns the lesson and whether it passed.
+
+        ``request_id`` makes the write idempotent; one is generated if not given, and reused
+        on every retry.
+        """
+        request = progress_service_pb2.RecordAttemptRequest(
+            user_id=user_id,
+            course_id=course_id,
+            lesson_id=lesson_id,
+            score=score,
+            request_id=_request_id(request_id),
+        )
+        return await self._unary("RecordAttempt", self._progress.RecordAttempt, request, timeout)
+
+    async def complete_lesson(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        lesson_id: str,
+        score: int | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> CompleteLessonResponse:
+        """Marks a lesson completed (with an optional final score).
+
+        Returns the lesson progress and the learner's course progress. ``request_id`` makes
+        the write idempotent; one is generated if not given, and reused on every retry.
+        """
+        request = progress_service_pb2.CompleteLessonRequest(
+            user_id=user_id,
+            course_id=course_id,
+            lesson_id=lesson_id,
+            score=score,
+            request_id=_request_id(request_id),
+        )
+        return await self._unary("CompleteLesson", self._progress.CompleteLesson, request, timeout)
+
+    async def get_lesson_progress(
+        self, *, user_id: str, course_id: str, lesson_id: str, timeout: float | None = None
+    ) -> LessonProgress:
+        """One learner's progress in one lesson; NOT_FOUND if there is none."""
+        request = progress_service_pb2.GetLessonProgressRequest(
+            user_id=user_id, course_id=course_id, lesson_id=lesson_id
+        )
+        response = await self._unary(
+            "GetLessonProgress", self._progress.GetLessonProgress, request, timeout
+        )
+        return response.lesson
+
+    async def list_lesson_progress(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        page_size: int = 0,
+        page_token: str = "",
+        completed_only: bool = False,
+        timeout: float | None = None,
+    ) -> ListLessonProgressResponse:
+        """One page of a learner's lessons in a course (``lessons``, ``next_page_token``)."""
+        request = progress_service_pb2.ListLessonProgressRequest(
+            user_id=user_id,
+            course_id=course_id,
+            page_size=page_size,
+            page_token=page_token,
+            completed_only=completed_only,
+        )
+        return await self._unary(
+            "ListLessonProgress", self._progress.ListLessonProgress, request, timeout
+        )
+
+    async def iter_lesson_progress(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        completed_only: bool = False,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[LessonProgress]:
+        """Every lesson of a learner in a course, fetching page after page.
+
+        Each page is one call with its own deadline (``timeout``) and retries.
+        """
+        page_token = ""
+        while True:
+            page = await self.list_lesson_progress(
+                user_id=user_id,
+                course_id=course_id,
+                page_size=page_size,
+                page_token=page_token,
+                completed_only=completed_only,
+                timeout=timeout,
+            )
+            for lesson in page.lessons:
+                yield lesson
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    async def get_course_progress(
+        self, *, user_id: str, course_id: str, timeout: float | None = None
+    ) -> CourseProgress:
+        """One learner's progress in one course (zeroed if the learner has none)."""
+        request = progress_service_pb2.GetCourseProgressRequest(
+            user_id=user_id, course_id=course_id
+        )
+        response = await self._unary(
+            "GetCourseProgress", self._progress.GetCourseProgress, request, timeout
+        )
+        return response.course
+
+    async def delete_user_progress(self, *, user_id: str, timeout: float | None = None) -> int:
+        """Erases everything held about a learner; returns the lesson rows deleted.
+
+        After a retried UNAVAILABLE the count may miss rows that the failed attempt deleted.
+        """
+        request = progress_service_pb2.DeleteUserProgressRequest(user_id=user_id)
+        response = await self._unary(
+            "DeleteUserProgress", self._progress.DeleteUserProgress, request, timeout
+        )
+        return int(response.deleted_lessons)
+
+    async def list_attempts(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        lesson_id: str,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> ListAttemptsResponse:
+        """One page of a lesson's attempt history, oldest first."""
+        request = progress_service_pb2.ListAttemptsRequest(
+            user_id=user_id,
+            course_id=course_id,
+            lesson_id=lesson_id,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._unary("ListAttempts", self._progress.ListAttempts, request, timeout)
+
+    async def iter_attempts(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        lesson_id: str,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Attempt]:
+        """The whole attempt history of a lesson, oldest first, page after page."""
+        page_token = ""
+        while True:
+            page = await self.list_attempts(
+                user_id=user_id,
+                course_id=course_id,
+                lesson_id=lesson_id,
+                page_size=page_size,
+                page_token=page_token,
+                timeout=timeout,
+            )
+            for attempt in page.attempts:
+                yield attempt
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    async def save_bookmark(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        lesson_id: str,
+        position: str,
+        timeout: float | None = None,
+    ) -> LessonProgress:
+        """Saves where the learner left off (at most 4 KiB; empty clears it)."""
+        request = progress_service_pb2.SaveBookmarkRequest(
+            user_id=user_id, course_id=course_id, lesson_id=lesson_id, position=position
+        )
+        response = await self._unary("SaveBookmark", self._progress.SaveBookmark, request, timeout)
+        return response.lesson
+
+    def watch_progress(
+        self,
+        *,
+        course_id: str,
+        user_id: str = "",
+        after_event_id: int = 0,
+        resume: bool = True,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[ProgressEvent, None]:
+        """The progress events of a course (or of one learner in it), as they are committed.
+
+        Runs until closed or until its deadline passes. With ``resume`` (the default), a
+        stream broken by UNAVAILABLE or ABORTED (a server restart) is reopened after the
+        last delivered ``event_id``, so no event is lost or repeated; before the first event
+        it reopens after ``after_event_id``, and when that is 0, events committed while
+        disconnected are not replayed. OUT_OF_RANGE if the events to replay have expired.
+        """
+        request = progress_service_pb2.WatchProgressRequest(
+            course_id=course_id, user_id=user_id, after_event_id=after_event_id
+        )
+
+        def after_last(
+            previous: progress_service_pb2.WatchProgressRequest,
+            response: progress_service_pb2.WatchProgressResponse,
+        ) -> progress_service_pb2.WatchProgressRequest:
+            return progress_service_pb2.WatchProgressRequest(
+                course_id=previous.course_id,
+                user_id=previous.user_id,
+                after_event_id=response.event.event_id,
+            )
+
+        return self._stream(
+            "WatchProgress",
+            self._progress.WatchProgress,
+            request,
+            timeout,
+            lambda response: response.event,
+            after_last if resume else None,
+        )
+
+    # --- AnalyticsService --------------------------------------------------------------------
+
+    def stream_lesson_stats(
+        self, *, course_id: str, timeout: float | None = None
+    ) -> AsyncGenerator[LessonStats, None]:
+        """One LessonStats per lesson of the course's outline, in outline order."""
+        request = analytics_service_pb2.StreamLessonStatsRequest(course_id=course_id)
+        return self._stream(
+            "StreamLessonStats",
+            self._analytics.StreamLessonStats,
+            request,
+            timeout,
+            lambda response: response.lesson_stats,
+        )
+
+    def stream_difficult_lessons(
+        self, *, course_id: str, min_completions: int = 0, timeout: float | None = None
+    ) -> AsyncGenerator[DifficultLesson, None]:
+        """Lessons with at least ``min_completions`` completions (0 means 10), hardest first."""
+        request = analytics_service_pb2.StreamDifficultLessonsRequest(
+            course_id=course_id, min_completions=min_completions
+        )
+        return self._stream(
+            "StreamDifficultLessons",
+            self._analytics.StreamDifficultLessons,
+            request,
+            timeout,
+            lambda response: response.difficult_lesson,
+        )
+
+    def stream_course_learners(
+        self, *, course_id: str, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncGenerator[CourseProgress, None]:
+        """One CourseProgress per learner with progress in the course, by ``user_id``.
+
+        ``page_size`` is how many rows the server reads per round trip (0 means 1,000).
+        """
+        request = analytics_service_pb2.StreamCourseLearnersRequest(
+            course_id=course_id, page_size=page_size
+        )
+        return self._stream(
+            "StreamCourseLearners",
+            self._analytics.StreamCourseLearners,
+            request,
+            timeout,
+            lambda response: response.course_progress,
+        )
