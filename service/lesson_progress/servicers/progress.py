@@ -88,9 +88,7 @@ class ProgressServicer:
         check = Validator()
         beat = self._heartbeat(request, check)
         check.done()
-        row = await self.store.record_time(
-            beat.user_id, beat.course_id, beat.lesson_id, beat.seconds, beat.request_id
-        )
+        row = await self.store.record_time(beat)
         return pb.RecordTimeResponse(lesson=convert.lesson_progress(row))
 
     async def BatchRecordTime(

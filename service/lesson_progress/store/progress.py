@@ -20,6 +20,7 @@ from lesson_progress.store.events import (
     EVENT_LOCK_NAMESPACE,
     EventKind,
 )
+from lesson_progress.store.heartbeats import HeartbeatWriter
 
 PROGRESS_COLUMNS = """
     user_id, course_id, lesson_id, completed, time_spent_seconds, attempts, score,
@@ -197,9 +198,10 @@ SELECT * FROM progress
 # Heartbeats of a batch, summed per lesson, in one statement. Entries are numbered by
 # their place in the request; a request id counts for its first entry only. Rows are
 # upserted in key order so that concurrent batches lock them in the same order and cannot
-# deadlock. Nothing is written unless every entry names a lesson of a current outline and
-# no request id was first used for a different call.
-BATCH_RECORD_TIME = f"""
+# deadlock. {valid} decides what an entry naming a lesson outside its outline, or reusing
+# a request id of another call, does to the others: all-or-nothing for BatchRecordTime,
+# nothing for independent heartbeats merged by the HeartbeatWriter.
+_HEARTBEATS = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::varchar[], $4::integer[], $5::uuid[])
         WITH ORDINALITY AS t(user_id, course_id, lesson_id, seconds, request_id, idx)
@@ -219,8 +221,7 @@ reused AS (
           IS DISTINCT FROM ('RecordTime', i.course_id, i.lesson_id)
 ),
 valid AS (
-    SELECT i.* FROM input i
-    WHERE NOT EXISTS (SELECT FROM missing) AND NOT EXISTS (SELECT FROM reused)
+    SELECT i.* FROM input i WHERE {{valid}}
 ),
 first_use AS (
     SELECT DISTINCT ON (user_id, request_id) idx, user_id, request_id, course_id, lesson_id
@@ -267,6 +268,13 @@ FROM input i
 LEFT JOIN result r USING (user_id, course_id, lesson_id)
 ORDER BY i.idx
 """
+
+BATCH_RECORD_TIME = _HEARTBEATS.format(
+    valid="NOT EXISTS (SELECT FROM missing) AND NOT EXISTS (SELECT FROM reused)"
+)
+INDEPENDENT_HEARTBEATS = _HEARTBEATS.format(
+    valid="i.idx NOT IN (SELECT idx FROM missing UNION ALL SELECT idx FROM reused)"
+)
 
 GET_LESSON_PROGRESS = f"""
 SELECT {PROGRESS_COLUMNS} FROM lesson_progress
@@ -348,6 +356,14 @@ ORDER BY attempt_number
 LIMIT $5
 """
 
+# Whether the attempt recorded under a request id reached the lesson's passing score.
+REPLAYED_ATTEMPT_PASSED = """
+SELECT COALESCE(a.score >= l.passing_score, false)
+FROM lesson_attempts a JOIN lessons l USING (course_id, lesson_id)
+WHERE a.user_id = $1::uuid AND a.course_id = $2::uuid AND a.lesson_id = $3::varchar
+  AND a.request_id = $4::uuid
+"""
+
 LOOKUP_LESSON = """
 SELECT EXISTS (SELECT FROM courses WHERE course_id = $1::uuid) AS course_exists,
        EXISTS (SELECT FROM lessons
@@ -417,8 +433,13 @@ async def ensure_course(connection: Connection, course_id: str) -> None:
 class ProgressStore:
     """Reads and writes learners' progress."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, heartbeat_slots: int | None = None) -> None:
         self.database = database
+        # Leave some connections for everything else while heartbeats are merged.
+        slots = heartbeat_slots or max(1, database.pool.get_max_size() // 2)
+        self.heartbeats = HeartbeatWriter(
+            self._record_time_alone, self._record_time_together, slots=slots
+        )
 
     async def _write(
         self,
@@ -456,14 +477,42 @@ class ProgressStore:
             START_LESSON, "StartLesson", user_id, course_id, lesson_id, with_request_id=False
         )
 
-    async def record_time(
-        self, user_id: str, course_id: str, lesson_id: str, seconds: int, request_id: str | None
-    ) -> Record:
-        """Adds heartbeat seconds to a lesson."""
+    async def record_time(self, heartbeat: Heartbeat) -> Record:
+        """Adds heartbeat seconds to a lesson (merged with concurrent heartbeats)."""
+        return await self.heartbeats.write(heartbeat)
+
+    async def _record_time_alone(self, h: Heartbeat) -> Record:
         return await self._write(
-            RECORD_TIME, "RecordTime", user_id, course_id, lesson_id, seconds,
-            request_id=request_id,
+            RECORD_TIME, "RecordTime", h.user_id, h.course_id, h.lesson_id, h.seconds,
+            request_id=h.request_id,
         )  # fmt: skip
+
+    async def _record_time_together(
+        self, heartbeats: list[Heartbeat]
+    ) -> list[Record | errors.ServiceError]:
+        """Independent heartbeats in one statement; per entry its row or its own error."""
+
+        async def work(connection: Connection) -> list[Record | errors.ServiceError]:
+            rows = await connection.fetch(INDEPENDENT_HEARTBEATS, *_columns(heartbeats))
+            outcomes: list[Record | errors.ServiceError] = []
+            for heartbeat, row in zip(heartbeats, rows, strict=True):
+                if row["missing"]:
+                    try:
+                        await ensure_lesson(connection, heartbeat.course_id, heartbeat.lesson_id)
+                        outcomes.append(errors.Aborted("the outline changed; retry the call"))
+                    except errors.NotFound as exc:
+                        outcomes.append(exc)
+                elif row["reused"]:
+                    outcomes.append(
+                        errors.InvalidArgument.of("request_id", _REUSED, reason="REQUEST_ID_REUSED")
+                    )
+                elif row["user_id"] is None:  # a replay whose row was deleted meanwhile
+                    outcomes.append(errors.NotFound("the lesson progress no longer exists"))
+                else:
+                    outcomes.append(row)
+            return outcomes
+
+        return await self.database.run(work)
 
     async def record_attempt(
         self, user_id: str, course_id: str, lesson_id: str, score: int, request_id: str | None
@@ -473,8 +522,13 @@ class ProgressStore:
             RECORD_ATTEMPT, "RecordAttempt", user_id, course_id, lesson_id, score,
             request_id=request_id,
         )  # fmt: skip
-        passed = bool(row.get("passed", False))
-        return row, passed
+        if "passed" in row:
+            return row, bool(row["passed"])
+        # A replayed request: answer as the original call did.
+        passed = await self.database.run(
+            lambda c: c.fetchval(REPLAYED_ATTEMPT_PASSED, user_id, course_id, lesson_id, request_id)
+        )
+        return row, bool(passed)
 
     async def complete_lesson(
         self,
@@ -494,13 +548,7 @@ class ProgressStore:
 
     async def batch_record_time(self, heartbeats: list[Heartbeat]) -> list[Record]:
         """Adds every heartbeat atomically; returns one row per entry, in order."""
-        columns = (
-            [h.user_id for h in heartbeats],
-            [h.course_id for h in heartbeats],
-            [h.lesson_id for h in heartbeats],
-            [h.seconds for h in heartbeats],
-            [h.request_id for h in heartbeats],
-        )
+        columns = _columns(heartbeats)
 
         async def work(connection: Connection) -> list[Record]:
             rows = await connection.fetch(BATCH_RECORD_TIME, *columns)
@@ -623,6 +671,17 @@ class ProgressStore:
             total += deleted
             if deleted < batch:
                 return total
+
+
+def _columns(heartbeats: list[Heartbeat]) -> tuple[list[object], ...]:
+    """The heartbeats as the five parallel arrays the batch statements take."""
+    return (
+        [h.user_id for h in heartbeats],
+        [h.course_id for h in heartbeats],
+        [h.lesson_id for h in heartbeats],
+        [h.seconds for h in heartbeats],
+        [h.request_id for h in heartbeats],
+    )
 
 
 async def _check_replay(
