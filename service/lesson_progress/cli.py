@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lesson_progress import config as config_module
 from lesson_progress import server
 from lesson_progress.auth import hash_token
+from lesson_progress.errors import Unavailable
 from lesson_progress.migrate import MigrationError
 from lesson_progress.observability import configure_logging
 
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_migrate(config))
     except MigrationError as exc:
         print(f"lesson-progress: migration refused: {exc}", file=sys.stderr)
+        return 1
+    except (server.StartupError, Unavailable, OSError) as exc:
+        print(f"lesson-progress: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -52,6 +52,10 @@ async def run_migrations(url: str, config: Config) -> list[str]:
         await connection.close()
 
 
+class StartupError(Exception):
+    """The server cannot start (a port in use, a database that cannot be reached)."""
+
+
 @dataclass
 class RunningServer:
     """A started server; ``stop()`` shuts it down gracefully."""
@@ -109,6 +113,8 @@ def _server_options(config: Config) -> list[tuple[str, int]]:
         # Clients may ping every 10 s; more often is answered with GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # A port already in use is an error, not a second server sharing it.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -177,23 +183,22 @@ async def start(config: Config) -> RunningServer:
     )
     await health.update()
 
-    address = f"{config.host}:{config.port}"
-    credentials = _server_credentials(config)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
-    await server.start()
-    metrics_port = None
-    if config.metrics_port is not None:
-        metrics_port = metrics.serve(config.metrics_host or config.host, config.metrics_port)
+    try:
+        port, metrics_port = await _listen(server, metrics, config)
+    except BaseException:
+        metrics.close()
+        await listener.stop()
+        await database.close()
+        if embedded_db is not None:
+            embedded_db.stop()
+        raise
     log.info(
-        "serving lessonprogress.v1 on %s:%d (%s, %s); metrics on %s",
+        "serving lessonprogress.v1 on %s:%d (%s, %s); metrics %s",
         config.host,
         port,
         "TLS" if config.tls else "plaintext",
         "token auth" if authenticator else "no auth",
-        f"port {metrics_port}" if metrics_port is not None else "off",
+        f"on port {metrics_port}" if metrics_port is not None else "off",
     )
     running = RunningServer(
         server,
@@ -226,6 +231,33 @@ async def start(config: Config) -> RunningServer:
         )
     )
     return running
+
+
+async def _listen(
+    server: grpc.aio.Server, metrics: Metrics, config: Config
+) -> tuple[int, int | None]:
+    """Binds the metrics endpoint and the gRPC port, then starts serving."""
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_host = config.metrics_host or config.host
+        try:
+            metrics_port = metrics.serve(metrics_host, config.metrics_port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc.strerror} "
+                "(set LESSON_PROGRESS_METRICS_PORT to another port, or to off)"
+            ) from None
+    address = f"{config.host}:{config.port}"
+    credentials = _server_credentials(config)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc}") from None
+    await server.start()
+    return port, metrics_port
 
 
 async def _every(what: str, purge: Callable[[], Awaitable[int]], retention_seconds: int) -> None:

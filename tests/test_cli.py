@@ -1,0 +1,430 @@
+"""The ``lesson-progress`` command: configuration, ``migrate`` and ``serve``.
+
+Commands run as real child processes (``python -m lesson_progress``) with an environment
+stripped of every DATABASE_URL and LESSON_PROGRESS_* variable, in tmp_path, so a setting
+of the developer's shell cannot leak in and nothing is written outside tmp_path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from lesson_progress import config
+from lesson_progress.config import Config, ConfigError, parse_duration
+from lessonprogress.v1 import catalog_service_pb2, catalog_service_pb2_grpc, resources_pb2
+from tests import postgres
+
+COMMAND_TIMEOUT = 60.0  # seconds; a command that does not finish by then has hung
+EMBEDDED_START_TIMEOUT = 120.0  # initdb + start of the embedded PostgreSQL
+STOP_TIMEOUT = 60.0
+MIGRATIONS_DIR = Config().migrations_dir
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The test's environment without any service setting, plus ``overrides``."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key != "DATABASE_URL" and not key.startswith("LESSON_PROGRESS_")
+    }
+    env.update(overrides)
+    return env
+
+
+def run_command(
+    args: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``python -m lesson_progress *args`` to completion (killed after a timeout)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lesson_progress", *args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- config.parse_duration ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90.0),
+        ("90s", 90.0),
+        ("0s", 0.0),
+        ("15m", 900.0),
+        ("24h", 86400.0),
+        ("1d", 86400.0),
+        ("2d", 172800.0),
+        ("500ms", 0.5),
+        ("1.5h", 5400.0),
+        ("0.25s", 0.25),
+        (" 30s ", 30.0),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "   ", "forever", "s", "ms", "-5s", "5x", "5 s s", "five minutes", "24 hours"]
+)
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(text))):
+        parse_duration(text)
+
+
+# --- config.load -------------------------------------------------------------------------
+
+
+def parse_flags(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    return parser.parse_args(list(flags))
+
+
+def test_load_defaults() -> None:
+    loaded = config.load(parse_flags(), {})
+    assert loaded == Config()
+    assert loaded.database_url is None
+    assert (loaded.port, loaded.pool_size, loaded.max_heartbeat_seconds) == (50051, 10, 300)
+    assert loaded.request_id_retention_seconds == 24 * 3600
+    assert loaded.migrate_on_start is True
+
+
+def test_load_flag_wins_over_environment() -> None:
+    env = {
+        "DATABASE_URL": "postgresql://env/db",
+        "LESSON_PROGRESS_PORT": "1111",
+        "LESSON_PROGRESS_POOL_SIZE": "3",
+        "LESSON_PROGRESS_REQUEST_ID_RETENTION": "1h",
+        "LESSON_PROGRESS_MIGRATE": "true",
+    }
+    loaded = config.load(
+        parse_flags(
+            "--database-url",
+            "postgres://flag/db",
+            "--port",
+            "2222",
+            "--request-id-retention",
+            "90m",
+            "--no-migrate",
+        ),
+        env,
+    )
+    assert loaded.database_url == "postgres://flag/db"
+    assert loaded.port == 2222
+    assert loaded.pool_size == 3  # from the environment: no flag given
+    assert loaded.request_id_retention_seconds == 90 * 60
+    assert loaded.migrate_on_start is False
+
+
+TRUTHY = ("1", "true", "YES", "on")
+FALSY = ("0", "false", "No", "off")
+
+
+@pytest.mark.parametrize("value", [*TRUTHY, *FALSY])
+def test_load_migrate_environment(value: str) -> None:
+    loaded = config.load(parse_flags(), {"LESSON_PROGRESS_MIGRATE": value})
+    assert loaded.migrate_on_start is (value in TRUTHY)
+
+
+def test_load_lists_every_problem_at_once() -> None:
+    env = {
+        "DATABASE_URL": "mysql://x",
+        "LESSON_PROGRESS_PORT": "70000",
+        "LESSON_PROGRESS_POOL_SIZE": "0",
+        "LESSON_PROGRESS_MAX_HEARTBEAT_SECONDS": "abc",
+        "LESSON_PROGRESS_REQUEST_ID_RETENTION": "forever",
+        "LESSON_PROGRESS_MIGRATE": "maybe",
+    }
+    with pytest.raises(ConfigError) as raised:
+        config.load(parse_flags(), env)
+    message = str(raised.value)
+    for name in env:
+        assert name in message, name
+    for value in ("70000", "'abc'", "'forever'", "'maybe'"):
+        assert value in message, value
+
+
+# --- lesson-progress serve: bad configuration ---------------------------------------------
+
+# (flags, environment, setting that must be named, bad value that must be quoted or None)
+BAD_CONFIGS = {
+    "port flag": (["--port", "70000"], {}, "LESSON_PROGRESS_PORT", "70000"),
+    "port env": ([], {"LESSON_PROGRESS_PORT": "70000"}, "LESSON_PROGRESS_PORT", "70000"),
+    "pool size flag": (["--pool-size", "0"], {}, "LESSON_PROGRESS_POOL_SIZE", "0"),
+    "pool size env": ([], {"LESSON_PROGRESS_POOL_SIZE": "0"}, "LESSON_PROGRESS_POOL_SIZE", "0"),
+    "heartbeat flag": (
+        ["--max-heartbeat-seconds", "abc"],
+        {},
+        "LESSON_PROGRESS_MAX_HEARTBEAT_SECONDS",
+        "abc",
+    ),
+    "heartbeat env": (
+        [],
+        {"LESSON_PROGRESS_MAX_HEARTBEAT_SECONDS": "abc"},
+        "LESSON_PROGRESS_MAX_HEARTBEAT_SECONDS",
+        "abc",
+    ),
+    "retention flag": (
+        ["--request-id-retention", "forever"],
+        {},
+        "LESSON_PROGRESS_REQUEST_ID_RETENTION",
+        "forever",
+    ),
+    "retention env": (
+        [],
+        {"LESSON_PROGRESS_REQUEST_ID_RETENTION": "forever"},
+        "LESSON_PROGRESS_REQUEST_ID_RETENTION",
+        "forever",
+    ),
+    "migrate env": ([], {"LESSON_PROGRESS_MIGRATE": "maybe"}, "LESSON_PROGRESS_MIGRATE", "maybe"),
+    # The URL itself is not echoed (a URL may carry a password); the setting is named.
+    "database url env": ([], {"DATABASE_URL": "mysql://x"}, "DATABASE_URL", None),
+    "database url flag": (["--database-url", "mysql://x"], {}, "DATABASE_URL", None),
+}
+
+
+def assert_names(stderr: str, setting: str, value: str | None) -> None:
+    """stderr has a line naming ``setting`` and, if given, the bad ``value`` as a word."""
+    lines = [line for line in stderr.splitlines() if re.search(rf"\b{setting}\b", line)]
+    assert lines, f"{setting} not named in:\n{stderr}"
+    if value is not None:
+        assert any(re.search(rf"(?<![\w.]){re.escape(value)}(?![\w.])", ln) for ln in lines), (
+            f"{value!r} not named next to {setting} in:\n{stderr}"
+        )
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "setting", "value"), list(BAD_CONFIGS.values()), ids=list(BAD_CONFIGS)
+)
+def test_serve_refuses_bad_configuration(
+    tmp_path: Path, flags: list[str], env: dict[str, str], setting: str, value: str | None
+) -> None:
+    data_dir = tmp_path / "data"
+    result = run_command(
+        ["serve", *flags],
+        clean_env(LESSON_PROGRESS_DATA_DIR=str(data_dir), **env),
+        tmp_path,
+    )
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert_names(result.stderr, setting, value)
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    # Refused before anything started: no embedded PostgreSQL was created.
+    assert not data_dir.exists()
+
+
+def test_serve_names_every_bad_value_at_once(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    result = run_command(
+        ["serve", "--port", "70000", "--max-heartbeat-seconds", "abc"],
+        clean_env(
+            DATABASE_URL="mysql://x",
+            LESSON_PROGRESS_POOL_SIZE="0",
+            LESSON_PROGRESS_REQUEST_ID_RETENTION="forever",
+            LESSON_PROGRESS_MIGRATE="maybe",
+            LESSON_PROGRESS_DATA_DIR=str(data_dir),
+        ),
+        tmp_path,
+    )
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    for _, _, setting, value in BAD_CONFIGS.values():
+        assert_names(result.stderr, setting, value)
+    assert not data_dir.exists()
+
+
+def test_migrate_refuses_bad_configuration(tmp_path: Path) -> None:
+    result = run_command(["migrate", "--database-url", "mysql://x"], clean_env(), tmp_path)
+    assert result.returncode == 2
+    assert_names(result.stderr, "DATABASE_URL", None)
+
+
+# --- lesson-progress migrate --------------------------------------------------------------
+
+
+@pytest.fixture
+async def fresh_url(postgres_url: str) -> AsyncIterator[str]:
+    """URL of a new, empty database, dropped after the test."""
+    name = postgres.fresh_database_name()
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield postgres.with_database(postgres_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_migrate_command_applies_then_has_nothing_pending(
+    fresh_url: str, tmp_path: Path
+) -> None:
+    names = [p.name for p in sorted(MIGRATIONS_DIR.glob("*.sql"))]
+    assert names
+
+    first = await asyncio.to_thread(
+        run_command, ["migrate", "--database-url", fresh_url], clean_env(), tmp_path
+    )
+    assert first.returncode == 0, first.stderr
+    printed = [name for name in names if name in first.stdout]
+    assert printed == names, first.stdout
+    positions = [first.stdout.index(name) for name in names]
+    assert positions == sorted(positions), "names printed in version order"
+
+    connection = await asyncpg.connect(fresh_url)
+    try:
+        recorded = await connection.fetch("SELECT name FROM schema_migrations ORDER BY version")
+        assert [r["name"] for r in recorded] == names
+    finally:
+        await connection.close()
+
+    # The same database from the environment this time.
+    second = await asyncio.to_thread(
+        run_command, ["migrate"], clean_env(DATABASE_URL=fresh_url), tmp_path
+    )
+    assert second.returncode == 0, second.stderr
+    assert "nothing pending" in second.stdout
+    assert not any(name in second.stdout for name in names)
+
+
+async def test_migrate_command_refuses_edited_migration(fresh_url: str, tmp_path: Path) -> None:
+    migrations = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, migrations)
+    args = ["migrate", "--database-url", fresh_url, "--migrations-dir", str(migrations)]
+    first = await asyncio.to_thread(run_command, args, clean_env(), tmp_path)
+    assert first.returncode == 0, first.stderr
+    edited = sorted(migrations.glob("*.sql"))[-1]
+    edited.write_text(edited.read_text() + "\n-- edited after it was applied\n")
+
+    second = await asyncio.to_thread(run_command, args, clean_env(), tmp_path)
+    assert second.returncode == 1
+    assert edited.name in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+# --- lesson-progress serve with an embedded PostgreSQL -------------------------------------
+
+
+class Served:
+    """A ``lesson-progress serve`` child process, logging to a file."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lesson_progress", "serve"],
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    async def wait_ready(self, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + EMBEDDED_START_TIMEOUT
+        async with grpc.aio.insecure_channel(address) as channel:
+            while True:
+                code = self.process.poll()
+                assert code is None, f"serve exited with {code}:\n{self.log_tail()}"
+                try:
+                    await asyncio.wait_for(channel.channel_ready(), timeout=1)
+                    return
+                except TimeoutError:
+                    assert loop.time() < deadline, f"serve not ready:\n{self.log_tail()}"
+
+    async def terminate(self) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.process.wait, STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=STOP_TIMEOUT)
+        self._log.close()
+
+
+async def test_serve_with_embedded_postgres_persists_across_restarts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = clean_env(
+        LESSON_PROGRESS_DATA_DIR=str(data_dir),
+        LESSON_PROGRESS_PORT=str(port),
+        LESSON_PROGRESS_HOST="127.0.0.1",
+        LESSON_PROGRESS_METRICS_PORT="0",  # not the fixed default: it may be taken
+    )
+    course_id = str(uuid.uuid4())
+    lessons = [
+        resources_pb2.Lesson(lesson_id="intro", title="Intro", assessed=False),
+        resources_pb2.Lesson(lesson_id="quiz", title="Quiz", assessed=True, passing_score=80),
+    ]
+
+    for run in ("first", "second"):
+        served = Served(env, tmp_path, tmp_path / f"{run}.log")
+        try:
+            await served.wait_ready(address)
+            async with grpc.aio.insecure_channel(address) as channel:
+                catalog = catalog_service_pb2_grpc.CatalogServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await catalog.GetCourse(
+                        catalog_service_pb2.GetCourseRequest(course_id=str(uuid.uuid4())),
+                        timeout=COMMAND_TIMEOUT,
+                    )
+                assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+                if run == "first":
+                    await catalog.UpsertCourse(
+                        catalog_service_pb2.UpsertCourseRequest(
+                            course_id=course_id, title="Persisted", lessons=lessons
+                        ),
+                        timeout=COMMAND_TIMEOUT,
+                    )
+                else:
+                    course = (
+                        await catalog.GetCourse(
+                            catalog_service_pb2.GetCourseRequest(course_id=course_id),
+                            timeout=COMMAND_TIMEOUT,
+                        )
+                    ).course
+                    assert course.course_id == course_id
+                    assert course.title == "Persisted"
+                    assert list(course.lessons) == lessons
+            assert await served.terminate() == 0, served.log_tail()
+        finally:
+            served.kill()
+        # The data stays, and the embedded PostgreSQL was stopped with the service.
+        assert (data_dir / "pgdata" / "PG_VERSION").is_file()
+        assert not (data_dir / "pgdata" / "postmaster.pid").exists(), served.log_tail()
