@@ -201,7 +201,20 @@ async def test_missing_applied_file_is_refused(
     assert added in str(raised.value)
     assert "missing" in str(raised.value)
 
-    with pytest.raises(MigrationError, match=re.escape(added)):
+    # A file missing but newer than every file on disk was applied by a newer build:
+    # replicas of this build keep serving during a rolling deploy.
+    assert await migrate.pending_migrations(connection, migrations_copy) == []
+
+
+async def test_missing_older_applied_file_is_refused_by_health_check_too(
+    connection: asyncpg.Connection, migrations_copy: Path
+) -> None:
+    gone = add_file(migrations_copy, "gone_middle", "CREATE TABLE gone_middle (id integer);")
+    await migrate.migrate(connection, migrations_copy)
+    add_file(migrations_copy, "after_gone", "CREATE TABLE after_gone (id integer);")
+    (migrations_copy / gone).unlink()
+
+    with pytest.raises(MigrationError, match=re.escape(gone)):
         await migrate.pending_migrations(connection, migrations_copy)
     assert await advisory_locks_held(connection) == 0
 

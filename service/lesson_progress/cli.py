@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--tls-ca", help="PEM CA to verify a TLS server (env LESSON_PROGRESS_HEALTH_TLS_CA)"
     )
+    health.add_argument(
+        "--tls-cert", help="PEM client certificate for mutual TLS (env ..._HEALTH_TLS_CERT)"
+    )
+    health.add_argument(
+        "--tls-key", help="PEM key of the client certificate (env ..._HEALTH_TLS_KEY)"
+    )
     commands.add_parser(
         "hash-token", help="read a bearer token on standard input and print its configured form"
     )
@@ -75,10 +81,10 @@ async def _migrate(config: config_module.Config) -> None:
             embedded_db.stop()
 
 
-async def _health(args: argparse.Namespace, ca: bytes | None) -> int:
+async def _health(args: argparse.Namespace, tls: dict[str, bytes | None] | None) -> int:
     address = args.address or f"127.0.0.1:{os.environ.get('LESSON_PROGRESS_PORT') or 50051}"
-    if ca is not None:
-        channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(ca))
+    if tls is not None:
+        channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(**tls))
     else:
         channel = grpc.aio.insecure_channel(address)
     async with channel:
@@ -95,13 +101,27 @@ async def _health(args: argparse.Namespace, ca: bytes | None) -> int:
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _health_tls(args: argparse.Namespace) -> dict[str, bytes | None] | None:
+    """TLS material for the health probe, from flags or LESSON_PROGRESS_HEALTH_TLS_*."""
+    paths = {
+        name: getattr(args, f"tls_{name}") or os.environ.get(f"LESSON_PROGRESS_HEALTH_TLS_{env}")
+        for name, env in (("ca", "CA"), ("cert", "CERT"), ("key", "KEY"))
+    }
+    if not paths["ca"]:
+        return None
+    data = {name: Path(path).read_bytes() if path else None for name, path in paths.items()}
+    return {
+        "root_certificates": data["ca"],
+        "certificate_chain": data["cert"],
+        "private_key": data["key"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lesson-progress`` command."""
     args = _parser().parse_args(argv)
     if args.command == "health":
-        ca_path = args.tls_ca or os.environ.get("LESSON_PROGRESS_HEALTH_TLS_CA")
-        ca = Path(ca_path).read_bytes() if ca_path else None
-        return asyncio.run(_health(args, ca))
+        return asyncio.run(_health(args, _health_tls(args)))
     if args.command == "hash-token":
         token = sys.stdin.readline().strip()
         if not token:

@@ -17,6 +17,7 @@ What the client does for every call:
 * **Deadline.** Every unary call has one (``timeout``, 5 s by default). It covers the whole
   logical call, retries and back-off included: a call never takes longer than its deadline.
   Streams have none unless one is given (``stream_timeout`` or the call's ``timeout``).
+  Every method takes ``timeout=`` to override the default for that call.
 * **Retries.** ``UNAVAILABLE`` (the server or its database cannot be reached) and
   ``ABORTED`` (a write lost a race repeatedly) are retried up to ``retries`` times with
   exponential back-off and jitter; no other code is retried.

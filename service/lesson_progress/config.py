@@ -299,7 +299,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
 
     host = raw("host", ENV_PREFIX + "HOST") or defaults.host
     insecure = boolean("insecure", ENV_PREFIX + "INSECURE", defaults.insecure)
-    if auth_tokens_file is None and not insecure and not is_loopback(host):
+    serving = getattr(args, "command", "serve") == "serve"
+    if serving and auth_tokens_file is None and not insecure and not is_loopback(host):
         problems.append(
             f"{ENV_PREFIX}HOST (--host): refusing to listen on {host} without authentication; "
             f"configure {ENV_PREFIX}AUTH_TOKENS_FILE, or pass --insecure "

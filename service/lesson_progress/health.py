@@ -3,7 +3,9 @@
 The overall status ("") and each service's status are SERVING only while the database
 answers and no migration is pending; a background task re-checks every few seconds, so
 health goes NOT_SERVING while the database is unreachable and back by itself when it
-returns. During shutdown everything is NOT_SERVING for good.
+returns. The extra name "liveness" is SERVING as long as the process runs (for liveness
+probes, which must not restart a replica because its database is down). During shutdown
+everything is NOT_SERVING for good.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LIVENESS = "liveness"
 
 
 class HealthReporter:
@@ -56,6 +59,11 @@ class HealthReporter:
         if pending:
             return "migrations pending: " + ", ".join(m.name for m in pending)
         return None
+
+    async def start(self) -> None:
+        """Publishes the liveness status and the first readiness check."""
+        await self.servicer.set(LIVENESS, SERVING)
+        await self.update()
 
     async def update(self) -> None:
         """Checks once and publishes the result."""

@@ -77,13 +77,23 @@ def load_migrations(directory: Path) -> list[Migration]:
 
 
 async def _verify_applied(
-    connection: asyncpg.Connection | PoolConnectionProxy, migrations: list[Migration]
+    connection: asyncpg.Connection | PoolConnectionProxy,
+    migrations: list[Migration],
+    *,
+    allow_newer: bool,
 ) -> list[Migration]:
-    """Checks applied files against disk; returns the migrations still pending."""
+    """Checks applied files against disk; returns the migrations still pending.
+
+    With ``allow_newer``, migrations applied by a newer build (files this build does not
+    have) are accepted: during a rolling deploy the old replicas keep serving while the new
+    build's migrations, written to stay compatible, are applied.
+    """
     by_version = {m.version: m for m in migrations}
     applied = await connection.fetch(_SELECT_APPLIED)
     for row in applied:
         migration = by_version.get(row["version"])
+        if migration is None and allow_newer and row["version"] > max(by_version, default=0):
+            continue
         if migration is None:
             raise MigrationError(
                 f"migration {row['name']} was applied to this database but is missing from "
@@ -102,12 +112,16 @@ async def _verify_applied(
 async def pending_migrations(
     connection: asyncpg.Connection | PoolConnectionProxy, directory: Path
 ) -> list[Migration]:
-    """The migrations not yet applied (raises MigrationError if applied ones changed)."""
+    """The migrations not yet applied.
+
+    Raises MigrationError if an applied file changed or is missing, except for files newer
+    than every file of this build (see ``_verify_applied``).
+    """
     exists = await connection.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     migrations = load_migrations(directory)
     if not exists:
         return migrations
-    return await _verify_applied(connection, migrations)
+    return await _verify_applied(connection, migrations, allow_newer=True)
 
 
 async def migrate(connection: asyncpg.Connection, directory: Path) -> list[str]:
@@ -116,7 +130,7 @@ async def migrate(connection: asyncpg.Connection, directory: Path) -> list[str]:
     await connection.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
     try:
         await connection.execute(_CREATE_TABLE)
-        pending = await _verify_applied(connection, migrations)
+        pending = await _verify_applied(connection, migrations, allow_newer=False)
         for migration in pending:
             log.info("applying migration %s", migration.name)
             if migration.transactional:

@@ -125,9 +125,18 @@ async def start(config: Config) -> RunningServer:
         applied = await run_migrations(url, config)
         log.info("migrations applied: %s", ", ".join(applied) or "none pending")
     database = await Database.connect(url, pool_size=config.pool_size)
-    key = await database.pool.fetchval(
-        "SELECT value FROM service_secrets WHERE name = 'page_token_key'"
-    )
+    try:
+        key = await database.pool.fetchval(
+            "SELECT value FROM service_secrets WHERE name = 'page_token_key'"
+        )
+    except asyncpg.UndefinedTableError:
+        await database.close()
+        if embedded_db is not None:
+            embedded_db.stop()
+        raise StartupError(
+            "the database has no lesson-progress schema yet: run `lesson-progress migrate` "
+            "or start without --no-migrate"
+        ) from None
     progress_store = ProgressStore(database)
     event_store = EventStore(database)
     listener = EventListener(url)
@@ -181,7 +190,7 @@ async def start(config: Config) -> RunningServer:
         ],
         server,
     )
-    await health.update()
+    await health.start()
 
     try:
         port, metrics_port = await _listen(server, metrics, config)
