@@ -100,6 +100,7 @@ def _wrap_unary(method: str, impl: UnaryHandler, policy: RpcPolicy) -> UnaryHand
 
     async def handle(request: Any, context: Context) -> Any:
         started = time.perf_counter()
+        peer = context.peer()
         code = "OK"
         if metrics is not None:
             metrics.in_flight.labels(method).inc()
@@ -120,7 +121,7 @@ def _wrap_unary(method: str, impl: UnaryHandler, policy: RpcPolicy) -> UnaryHand
                 metrics.in_flight.labels(method).dec()
                 metrics.requests.labels(method, code).inc()
                 metrics.latency.labels(method).observe(time.perf_counter() - started)
-            log_rpc(method, code, started, context.peer(), _request_id(request))
+            log_rpc(method, code, started, peer, _request_id(request))
 
     return handle
 
@@ -130,6 +131,9 @@ def _wrap_stream(method: str, impl: StreamHandler, policy: RpcPolicy) -> StreamH
 
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
         started = time.perf_counter()
+        # Read now: grpcio 1.85 crashes (SIGSEGV) on context.peer() once a call that was
+        # waiting to send has been cancelled.
+        peer = context.peer()
         code = "OK"
         counted = False
         try:
@@ -161,7 +165,7 @@ def _wrap_stream(method: str, impl: StreamHandler, policy: RpcPolicy) -> StreamH
             if metrics is not None:
                 metrics.requests.labels(method, code).inc()
                 metrics.latency.labels(method).observe(time.perf_counter() - started)
-            log_rpc(method, code, started, context.peer(), "")
+            log_rpc(method, code, started, peer, "")
 
     return handle
 

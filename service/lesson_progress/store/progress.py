@@ -1,5 +1,8 @@
 """SQL for one learner's progress: lesson rows, course rows, attempts, request ids.
 
+Updates stamp ``last_accessed_at`` with clock_timestamp(), read after the row lock is
+taken, so that it never moves backwards when concurrent writes commit out of start order.
+
 Each write is one statement: a writable CTE checks the lesson is in its course's current
 outline, claims the request id (if any), upserts the lesson row and, on completion, the
 course row, so that PostgreSQL sees one round trip and one commit per RPC. Only when that
@@ -113,7 +116,7 @@ WITH {_LESSON_CTE},
 progress AS (
     INSERT INTO lesson_progress AS lp (user_id, course_id, lesson_id)
     SELECT $1::uuid, $2::uuid, $3::varchar FROM lesson
-    ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE SET last_accessed_at = now()
+    ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE SET last_accessed_at = clock_timestamp()
     RETURNING {PROGRESS_COLUMNS}
 ),
 {_events_cte(f"VALUES ({EventKind.STARTED})")}
@@ -129,7 +132,7 @@ progress AS (
     FROM lesson
     ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
     SET bookmark = EXCLUDED.bookmark, bookmarked_at = EXCLUDED.bookmarked_at,
-        last_accessed_at = now()
+        last_accessed_at = clock_timestamp()
     RETURNING {PROGRESS_COLUMNS}
 ),
 {_events_cte(f"VALUES ({EventKind.BOOKMARKED})")}
@@ -142,7 +145,7 @@ INSERT INTO lesson_progress AS lp (user_id, course_id, lesson_id, time_spent_sec
 SELECT $1::uuid, $2::uuid, $3::varchar, $4::integer FROM proceed
 ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
 SET time_spent_seconds = lp.time_spent_seconds + EXCLUDED.time_spent_seconds,
-    last_accessed_at = now()
+    last_accessed_at = clock_timestamp()
 RETURNING {PROGRESS_COLUMNS}
 """
 
@@ -162,13 +165,16 @@ progress AS (
         score = GREATEST(lp.score, EXCLUDED.score),
         completed = lp.completed OR EXCLUDED.completed,
         completed_at = COALESCE(lp.completed_at, EXCLUDED.completed_at),
-        last_accessed_at = now()
+        last_accessed_at = clock_timestamp()
     RETURNING {PROGRESS_COLUMNS}
 ),
+-- clock_timestamp(), not now(): taken after the row lock, so attempt times follow attempt
+-- numbers even when concurrent attempts started in another order.
 history AS (
     INSERT INTO lesson_attempts
-        (user_id, course_id, lesson_id, attempt_number, score, request_id)
-    SELECT user_id, course_id, lesson_id, attempts, $4::integer, $5::uuid FROM progress
+        (user_id, course_id, lesson_id, attempt_number, score, request_id, attempted_at)
+    SELECT user_id, course_id, lesson_id, attempts, $4::integer, $5::uuid, clock_timestamp()
+    FROM progress
 ),
 {_SYNC_COURSE_CTE},
 {_events_cte(f"SELECT {EventKind.ATTEMPTED} UNION ALL {_COMPLETION_KINDS}")}
@@ -186,7 +192,7 @@ progress AS (
     SET completed = true,
         completed_at = COALESCE(lp.completed_at, now()),
         score = GREATEST(lp.score, EXCLUDED.score),
-        last_accessed_at = now()
+        last_accessed_at = clock_timestamp()
     WHERE NOT lp.completed OR GREATEST(lp.score, EXCLUDED.score) IS DISTINCT FROM lp.score
     RETURNING {PROGRESS_COLUMNS}
 ),
@@ -250,7 +256,7 @@ upserted AS (
     ORDER BY user_id, course_id, lesson_id
     ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
     SET time_spent_seconds = lp.time_spent_seconds + EXCLUDED.time_spent_seconds,
-        last_accessed_at = now()
+        last_accessed_at = clock_timestamp()
     RETURNING {PROGRESS_COLUMNS}
 ),
 result AS (
