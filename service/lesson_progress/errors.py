@@ -56,6 +56,11 @@ class NotFound(ServiceError):
 
     reason = "NOT_FOUND"
 
+    @classmethod
+    def course(cls, course_id: str) -> NotFound:
+        """The course is not registered."""
+        return cls(f"course {course_id} is not registered", reason="COURSE_NOT_FOUND")
+
 
 class OutOfRange(ServiceError):
     """The write would push a counter past what the schema can hold."""

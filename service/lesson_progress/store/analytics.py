@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from lesson_progress import errors
 from lesson_progress.store.database import Database, Record
+from lesson_progress.store.progress import LEARNER_AGGREGATES
 
 _BUCKETS = ",\n".join(
     f"        count(*) FILTER (WHERE score >= {low} AND score < {low + 10})"
@@ -80,20 +81,13 @@ ORDER BY avg(p.attempts) DESC, p.lesson_id
 # One row per learner in user_id order. lesson_progress_course_user_idx delivers the rows
 # already grouped and ordered by learner, so the aggregate streams without a sort, and the
 # outline is read once per learner from a small CTE.
-COURSE_LEARNERS = """
+COURSE_LEARNERS = f"""
 WITH outline AS MATERIALIZED (
     SELECT lesson_id, position FROM lessons
     WHERE course_id = $1::uuid AND position IS NOT NULL
 ),
 learners AS (
-    SELECT user_id,
-           sum(time_spent_seconds) AS total_time_spent_seconds,
-           min(first_started_at) AS started_at,
-           max(last_accessed_at) AS last_accessed_at,
-           (array_agg(lesson_id ORDER BY last_accessed_at DESC, lesson_id))[1]
-               AS last_lesson_id,
-           (array_agg(bookmark ORDER BY last_accessed_at DESC, lesson_id))[1]
-               AS last_lesson_bookmark
+    SELECT user_id, {LEARNER_AGGREGATES}
     FROM lesson_progress
     WHERE course_id = $1::uuid
     GROUP BY user_id
@@ -125,9 +119,7 @@ class AnalyticsStore:
         """Rows of ``query`` for a registered course, one snapshot, ``prefetch`` at a time."""
         async with self.database.read_snapshot() as connection:
             if not await connection.fetchval(COURSE_EXISTS, course_id):
-                raise errors.NotFound(
-                    f"course {course_id} is not registered", reason="COURSE_NOT_FOUND"
-                )
+                raise errors.NotFound.course(course_id)
             async for row in connection.cursor(query, course_id, *args, prefetch=prefetch):
                 yield row
 

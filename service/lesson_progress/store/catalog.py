@@ -143,9 +143,7 @@ class CatalogStore:
             row = await connection.fetchrow(DELETE_COURSE, course_id)
             assert row is not None
             if not row["deleted_courses"]:
-                raise errors.NotFound(
-                    f"course {course_id} is not registered", reason="COURSE_NOT_FOUND"
-                )
+                raise errors.NotFound.course(course_id)
             return int(row["deleted_lessons"])
 
         return await self.database.run(work)
@@ -154,5 +152,5 @@ class CatalogStore:
 async def _read_course(connection: Connection, course_id: str) -> CourseRecord:
     course = await connection.fetchrow(SELECT_COURSE, course_id)
     if course is None:
-        raise errors.NotFound(f"course {course_id} is not registered", reason="COURSE_NOT_FOUND")
+        raise errors.NotFound.course(course_id)
     return CourseRecord(course, await connection.fetch(SELECT_OUTLINE, course_id))

@@ -85,6 +85,17 @@ class Database:
                 raise errors.Unavailable(f"the database is unavailable: {exc}") from None
         raise AssertionError("unreachable")
 
+    async def delete_in_slices(self, statement: str, *args: object, batch: int) -> int:
+        """Runs a slice-deleting ``statement`` (returning the count it deleted, taking
+        ``batch`` as its last parameter) until a slice comes back short; returns the total.
+        Each slice is its own short transaction, so a purge never holds locks for long."""
+        total = 0
+        while True:
+            deleted = int(await self.run(lambda c: c.fetchval(statement, *args, batch)))
+            total += deleted
+            if deleted < batch:
+                return total
+
     @contextlib.asynccontextmanager
     async def read_snapshot(self) -> AsyncIterator[Connection]:
         """A pooled connection inside a read-only REPEATABLE READ transaction.

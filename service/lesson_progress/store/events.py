@@ -114,9 +114,7 @@ class EventStore:
             row = await connection.fetchrow(EVENT_HEAD, course_id)
             assert row is not None
             if not row["course_exists"]:
-                raise errors.NotFound(
-                    f"course {course_id} is not registered", reason="COURSE_NOT_FOUND"
-                )
+                raise errors.NotFound.course(course_id)
             if after_event_id == 0:
                 return int(row["head"])
             if after_event_id < row["purged_through"]:
@@ -141,16 +139,7 @@ class EventStore:
 
     async def purge(self, older_than_seconds: float, *, batch: int = 10_000) -> int:
         """Removes events older than the retention window; returns how many."""
-        total = 0
-        while True:
-            deleted = int(
-                await self.database.run(
-                    lambda c: c.fetchval(PURGE_EVENTS, older_than_seconds, batch)
-                )
-            )
-            total += deleted
-            if deleted < batch:
-                return total
+        return await self.database.delete_in_slices(PURGE_EVENTS, older_than_seconds, batch=batch)
 
 
 class EventListener:

@@ -306,9 +306,19 @@ ORDER BY p.first_started_at, p.lesson_id
 LIMIT $6
 """
 
+# One learner's figures over their lesson rows of a course (GetCourseProgress, and per
+# learner in StreamCourseLearners). The resume point is the most recently touched lesson.
+LEARNER_AGGREGATES = """
+    sum(time_spent_seconds) AS total_time_spent_seconds,
+    min(first_started_at) AS started_at,
+    max(last_accessed_at) AS last_accessed_at,
+    (array_agg(lesson_id ORDER BY last_accessed_at DESC, lesson_id))[1] AS last_lesson_id,
+    (array_agg(bookmark ORDER BY last_accessed_at DESC, lesson_id))[1] AS last_lesson_bookmark
+"""
+
 # Course progress against the current outline. Time, start and last access come from the
 # lesson rows (at most one per lesson), so heartbeats never have to touch the course row.
-GET_COURSE_PROGRESS = """
+GET_COURSE_PROGRESS = f"""
 WITH outline AS (
     SELECT lesson_id, position FROM lessons
     WHERE course_id = $2::uuid AND position IS NOT NULL
@@ -318,13 +328,7 @@ course_row AS (
     WHERE user_id = $1::uuid AND course_id = $2::uuid
 ),
 lesson_rows AS (
-    SELECT sum(time_spent_seconds) AS total_time_spent_seconds,
-           min(first_started_at) AS started_at,
-           max(last_accessed_at) AS last_accessed_at,
-           (array_agg(lesson_id ORDER BY last_accessed_at DESC, lesson_id))[1]
-               AS last_lesson_id,
-           (array_agg(bookmark ORDER BY last_accessed_at DESC, lesson_id))[1]
-               AS last_lesson_bookmark
+    SELECT {LEARNER_AGGREGATES}
     FROM lesson_progress WHERE user_id = $1::uuid AND course_id = $2::uuid
 ),
 done AS (
@@ -332,7 +336,7 @@ done AS (
     FROM outline o, course_row c WHERE c.completed_lessons ? o.lesson_id
 )
 SELECT EXISTS (SELECT FROM courses WHERE course_id = $2::uuid) AS course_exists,
-       COALESCE(done.ids, '{}') AS completed_lesson_ids,
+       COALESCE(done.ids, '{{}}') AS completed_lesson_ids,
        (SELECT count(*) FROM outline) AS total_lessons,
        COALESCE(lesson_rows.total_time_spent_seconds, 0) AS total_time_spent_seconds,
        lesson_rows.started_at, lesson_rows.last_accessed_at, lesson_rows.last_lesson_id,
@@ -386,12 +390,16 @@ COURSE_EXISTS = "SELECT EXISTS (SELECT FROM courses WHERE course_id = $1::uuid)"
 
 # Deletes a bounded slice of expired request ids, so that no purge holds locks for long.
 PURGE_REQUEST_IDS = """
-DELETE FROM processed_requests
-WHERE ctid = ANY (ARRAY(
-    SELECT ctid FROM processed_requests
-    WHERE created_at < now() - make_interval(secs => $1::double precision)
-    LIMIT $2
-))
+WITH gone AS (
+    DELETE FROM processed_requests
+    WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM processed_requests
+        WHERE created_at < now() - make_interval(secs => $1::double precision)
+        LIMIT $2
+    ))
+    RETURNING 1
+)
+SELECT count(*) FROM gone
 """
 
 
@@ -422,7 +430,7 @@ async def ensure_lesson(connection: Connection, course_id: str, lesson_id: str) 
     row = await connection.fetchrow(LOOKUP_LESSON, course_id, lesson_id)
     assert row is not None
     if not row["course_exists"]:
-        raise errors.NotFound(f"course {course_id} is not registered", reason="COURSE_NOT_FOUND")
+        raise errors.NotFound.course(course_id)
     if not row["lesson_exists"]:
         raise errors.NotFound(
             f"lesson {lesson_id!r} is not in the outline of course {course_id}",
@@ -433,7 +441,7 @@ async def ensure_lesson(connection: Connection, course_id: str, lesson_id: str) 
 async def ensure_course(connection: Connection, course_id: str) -> None:
     """Raises NotFound if the course is not registered."""
     if not await connection.fetchval(COURSE_EXISTS, course_id):
-        raise errors.NotFound(f"course {course_id} is not registered", reason="COURSE_NOT_FOUND")
+        raise errors.NotFound.course(course_id)
 
 
 class ProgressStore:
@@ -651,9 +659,7 @@ class ProgressStore:
             row = await connection.fetchrow(GET_COURSE_PROGRESS, user_id, course_id)
             assert row is not None
             if not row["course_exists"]:
-                raise errors.NotFound(
-                    f"course {course_id} is not registered", reason="COURSE_NOT_FOUND"
-                )
+                raise errors.NotFound.course(course_id)
             return row
 
         return await self.database.run(work)
@@ -668,15 +674,9 @@ class ProgressStore:
 
     async def purge_request_ids(self, older_than_seconds: float, *, batch: int = 10_000) -> int:
         """Forgets request ids older than the retention window; returns how many."""
-        total = 0
-        while True:
-            status = await self.database.run(
-                lambda c: c.execute(PURGE_REQUEST_IDS, older_than_seconds, batch)
-            )
-            deleted = int(status.split()[-1])
-            total += deleted
-            if deleted < batch:
-                return total
+        return await self.database.delete_in_slices(
+            PURGE_REQUEST_IDS, older_than_seconds, batch=batch
+        )
 
 
 def _columns(heartbeats: list[Heartbeat]) -> tuple[list[object], ...]:
