@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# This process never forks to go on using gRPC in a child; it only starts programs (the
+# embedded PostgreSQL's pg_ctl). gRPC's fork handlers would only log noise about them.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
