@@ -78,6 +78,35 @@ class RpcPolicy:
 
     open_streams: int = field(default=0, init=False)
 
+    refusing: bool = field(default=False, init=False)
+    """Set at shutdown: calls that reach a handler from then on get UNAVAILABLE."""
+
+    last_arrival: float = field(default=0.0, init=False)
+    """time.monotonic() of the latest call to reach a handler."""
+
+    def admit(self) -> None:
+        """Notes a call's arrival; refuses it (UNAVAILABLE, nothing done) at shutdown."""
+        self.last_arrival = time.monotonic()
+        if self.refusing:
+            raise errors.Unavailable(
+                "the server is shutting down; retry the call (on another replica)",
+                reason="SHUTTING_DOWN",
+            )
+
+    async def refuse_new_calls(self, *, quiet: float = 0.1, at_most: float = 2.0) -> None:
+        """Refuses new calls until none has arrived for ``quiet`` seconds.
+
+        gRPC cancels the calls it has received but not yet handed to a handler when the
+        server stops, so at shutdown the server keeps taking calls for a moment and
+        answers each with UNAVAILABLE, which callers retry safely, instead of CANCELLED.
+        """
+        self.refusing = True
+        step = quiet / 2
+        for _ in range(int(at_most / step)):
+            if time.monotonic() - self.last_arrival >= quiet:
+                return
+            await asyncio.sleep(step)
+
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
@@ -105,6 +134,7 @@ def _wrap_unary(method: str, impl: UnaryHandler, policy: RpcPolicy) -> UnaryHand
         if metrics is not None:
             metrics.in_flight.labels(method).inc()
         try:
+            policy.admit()
             if policy.authenticator is not None:
                 policy.authenticator.authorize(method, context.invocation_metadata() or ())
             _check_parsed(request, method)
@@ -137,6 +167,7 @@ def _wrap_stream(method: str, impl: StreamHandler, policy: RpcPolicy) -> StreamH
         code = "OK"
         counted = False
         try:
+            policy.admit()
             if policy.authenticator is not None:
                 policy.authenticator.authorize(method, context.invocation_metadata() or ())
             _check_parsed(request, method)

@@ -65,6 +65,7 @@ class RunningServer:
     port: int
     listener: EventListener
     health: HealthReporter
+    policy: RpcPolicy
     metrics: Metrics
     metrics_port: int | None
     shutting_down: asyncio.Event
@@ -72,11 +73,12 @@ class RunningServer:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None) -> None:
-        """Graceful shutdown: health goes NOT_SERVING, new RPCs are refused, in-flight
-        unary RPCs get ``grace`` seconds, watch streams end with UNAVAILABLE, then the
-        pool and everything else close."""
+        """Graceful shutdown: health goes NOT_SERVING, watch streams end with UNAVAILABLE,
+        new RPCs are refused with UNAVAILABLE, in-flight RPCs get ``grace`` seconds, then
+        the pool and everything else close."""
         await self.health.shut_down()
         self.shutting_down.set()
+        await self.policy.refuse_new_calls()
         await self.server.stop(grace)
         await self.listener.stop()
         for task in self.tasks:
@@ -215,6 +217,7 @@ async def start(config: Config) -> RunningServer:
         port,
         listener,
         health,
+        policy,
         metrics,
         metrics_port,
         shutting_down,
