@@ -33,7 +33,12 @@ class AnalyticsServiceStub:
     the server's memory, and cancelling the call (or its deadline passing) ends the query.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"); INVALID_ARGUMENT also carries a google.rpc.BadRequest.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN).
     """
 
     def __init__(self, channel):
@@ -67,7 +72,12 @@ class AnalyticsServiceServicer:
     the server's memory, and cancelling the call (or its deadline passing) ends the query.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"); INVALID_ARGUMENT also carries a google.rpc.BadRequest.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN).
     """
 
     def StreamLessonStats(self, request, context):
@@ -139,7 +149,12 @@ class AnalyticsService:
     the server's memory, and cancelling the call (or its deadline passing) ends the query.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"); INVALID_ARGUMENT also carries a google.rpc.BadRequest.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN).
     """
 
     @staticmethod

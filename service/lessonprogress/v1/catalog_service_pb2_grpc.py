@@ -31,9 +31,13 @@ class CatalogServiceStub:
     this service whenever an outline changes.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"); INVALID_ARGUMENT also carries a google.rpc.BadRequest naming
-    every bad field. UNAVAILABLE means the database could not be reached; ABORTED means a
-    write lost a race repeatedly and may be retried as is.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
+    a race repeatedly. UNAVAILABLE and ABORTED may be retried as is.
     """
 
     def __init__(self, channel):
@@ -65,9 +69,13 @@ class CatalogServiceServicer:
     this service whenever an outline changes.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"); INVALID_ARGUMENT also carries a google.rpc.BadRequest naming
-    every bad field. UNAVAILABLE means the database could not be reached; ABORTED means a
-    write lost a race repeatedly and may be retried as is.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
+    a race repeatedly. UNAVAILABLE and ABORTED may be retried as is.
     """
 
     def UpsertCourse(self, request, context):
@@ -137,9 +145,13 @@ class CatalogService:
     this service whenever an outline changes.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"); INVALID_ARGUMENT also carries a google.rpc.BadRequest naming
-    every bad field. UNAVAILABLE means the database could not be reached; ABORTED means a
-    write lost a race repeatedly and may be retried as is.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
+    a race repeatedly. UNAVAILABLE and ABORTED may be retried as is.
     """
 
     @staticmethod

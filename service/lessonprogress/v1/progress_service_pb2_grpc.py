@@ -41,8 +41,13 @@ class ProgressServiceStub:
     an id for a different call (another method or lesson) gets INVALID_ARGUMENT.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"). UNAVAILABLE means the database could not be reached and ABORTED
-    that a write lost a race repeatedly; both are safe to retry with the same request_id.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
+    a race repeatedly. UNAVAILABLE and ABORTED are safe to retry with the same request_id.
     """
 
     def __init__(self, channel):
@@ -129,8 +134,13 @@ class ProgressServiceServicer:
     an id for a different call (another method or lesson) gets INVALID_ARGUMENT.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"). UNAVAILABLE means the database could not be reached and ABORTED
-    that a write lost a race repeatedly; both are safe to retry with the same request_id.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
+    a race repeatedly. UNAVAILABLE and ABORTED are safe to retry with the same request_id.
     """
 
     def StartLesson(self, request, context):
@@ -365,8 +375,13 @@ class ProgressService:
     an id for a different call (another method or lesson) gets INVALID_ARGUMENT.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"). UNAVAILABLE means the database could not be reached and ABORTED
-    that a write lost a race repeatedly; both are safe to retry with the same request_id.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
+    a race repeatedly. UNAVAILABLE and ABORTED are safe to retry with the same request_id.
     """
 
     @staticmethod

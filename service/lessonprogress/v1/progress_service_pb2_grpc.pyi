@@ -42,8 +42,13 @@ class ProgressServiceStub:
     an id for a different call (another method or lesson) gets INVALID_ARGUMENT.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"). UNAVAILABLE means the database could not be reached and ABORTED
-    that a write lost a race repeatedly; both are safe to retry with the same request_id.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
+    a race repeatedly. UNAVAILABLE and ABORTED are safe to retry with the same request_id.
     """
 
     @_typing.overload
@@ -165,8 +170,13 @@ class ProgressServiceAsyncStub(ProgressServiceStub):
     an id for a different call (another method or lesson) gets INVALID_ARGUMENT.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"). UNAVAILABLE means the database could not be reached and ABORTED
-    that a write lost a race repeatedly; both are safe to retry with the same request_id.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
+    a race repeatedly. UNAVAILABLE and ABORTED are safe to retry with the same request_id.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -284,8 +294,13 @@ class ProgressServiceServicer(metaclass=_abc_1.ABCMeta):
     an id for a different call (another method or lesson) gets INVALID_ARGUMENT.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
-    "lessonprogress.v1"). UNAVAILABLE means the database could not be reached and ABORTED
-    that a write lost a race repeatedly; both are safe to retry with the same request_id.
+    "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
+    google.rpc.BadRequest naming every bad field. On every method: UNAUTHENTICATED without a
+    known bearer token and PERMISSION_DENIED without the method's scope, when the server
+    requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
+    (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
+    cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
+    a race repeatedly. UNAVAILABLE and ABORTED are safe to retry with the same request_id.
     """
 
     @_abc_1.abstractmethod
