@@ -103,6 +103,10 @@ class Config:
     keepalive_seconds: int = 60
     """Interval of the server's keepalive pings on idle connections (``..._KEEPALIVE``)."""
 
+    watch_poll_seconds: float = 5.0
+    """How often a watcher re-reads the outbox without a notification: the bound on the
+    delay while the LISTEN connection is being re-established (``..._WATCH_POLL``)."""
+
     health_check_interval_seconds: float = 5.0
     """How often health re-checks the database and migrations (``..._HEALTH_INTERVAL``)."""
 
@@ -370,6 +374,9 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         ),
         keepalive_seconds=integer(
             "keepalive", ENV_PREFIX + "KEEPALIVE", defaults.keepalive_seconds, 1, 86400
+        ),
+        watch_poll_seconds=duration(
+            "watch_poll", ENV_PREFIX + "WATCH_POLL", defaults.watch_poll_seconds, 0.01
         ),
         health_check_interval_seconds=duration(
             "health_interval",

@@ -171,6 +171,7 @@ async def start(config: Config) -> RunningServer:
             PageTokens(bytes(key)),
             max_heartbeat_seconds=config.max_heartbeat_seconds,
             shutting_down=shutting_down,
+            watch_poll_seconds=config.watch_poll_seconds,
         ),
         progress,
         policy,
