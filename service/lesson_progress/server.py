@@ -23,7 +23,7 @@ from lesson_progress.rpc import RpcPolicy
 from lesson_progress.servicers import AnalyticsServicer, CatalogServicer, ProgressServicer
 from lesson_progress.store import CatalogStore, Database, ProgressStore
 from lesson_progress.store.analytics import AnalyticsStore
-from lesson_progress.store.events import EventListener, EventStore
+from lesson_progress.store.events import EventListener, EventNotifier, EventStore
 from lessonprogress.v1 import analytics_service_pb2, catalog_service_pb2, progress_service_pb2
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,8 @@ async def start(config: Config) -> RunningServer:
             "the database has no lesson-progress schema yet: run `lesson-progress migrate` "
             "or start without --no-migrate"
         ) from None
-    progress_store = ProgressStore(database)
+    notifier = EventNotifier(database)
+    progress_store = ProgressStore(database, notifier)
     event_store = EventStore(database)
     listener = EventListener(url)
     listener.start()
@@ -161,7 +162,7 @@ async def start(config: Config) -> RunningServer:
         options=_server_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs
     )
     catalog, progress, analytics = SERVICES
-    rpc.add_servicer(server, CatalogServicer(CatalogStore(database)), catalog, policy)
+    rpc.add_servicer(server, CatalogServicer(CatalogStore(database, notifier)), catalog, policy)
     rpc.add_servicer(
         server,
         ProgressServicer(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lesson_progress import errors
 from lesson_progress.store.database import Connection, Database, Record
-from lesson_progress.store.events import EVENT_CHANNEL, EVENT_LOCK_NAMESPACE, EventKind
+from lesson_progress.store.events import EVENT_LOCK_NAMESPACE, EventKind, EventNotifier
 
 UPSERT_COURSE = """
 INSERT INTO courses AS c (course_id, title) VALUES ($1::uuid, $2::text)
@@ -54,7 +54,6 @@ events AS (
     SELECT course_id, user_id, {EventKind.COURSE_COMPLETED} FROM covered
     WHERE EXISTS (SELECT FROM course_lock)
     ORDER BY user_id
-    RETURNING pg_notify('{EVENT_CHANNEL}', course_id::text)
 )
 SELECT count(*) FROM covered
 """
@@ -102,8 +101,9 @@ class CourseRecord:
 class CatalogStore:
     """Reads and writes course outlines."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, notifier: EventNotifier) -> None:
         self.database = database
+        self.notifier = notifier
 
     async def upsert_course(
         self, course_id: str, title: str, lessons: list[LessonSpec]
@@ -111,7 +111,7 @@ class CatalogStore:
         """Creates a course or replaces its outline, in one transaction."""
         lesson_ids = [lesson.lesson_id for lesson in lessons]
 
-        async def work(connection: Connection) -> CourseRecord:
+        async def work(connection: Connection) -> tuple[CourseRecord, int]:
             async with connection.transaction():
                 await connection.execute(UPSERT_COURSE, course_id, title)
                 await connection.execute(RETIRE_LESSONS, course_id, lesson_ids)
@@ -123,10 +123,13 @@ class CatalogStore:
                     [lesson.assessed for lesson in lessons],
                     [lesson.passing_score for lesson in lessons],
                 )
-                await connection.execute(COMPLETE_COVERED_COURSES, course_id)
-                return await _read_course(connection, course_id)
+                completed = await connection.fetchval(COMPLETE_COVERED_COURSES, course_id)
+                return await _read_course(connection, course_id), completed
 
-        return await self.database.run(work)
+        stored, completed = await self.database.run(work)
+        if completed:
+            self.notifier.changed(course_id)
+        return stored
 
     async def get_course(self, course_id: str) -> CourseRecord:
         """A course and its outline in order."""

@@ -1,11 +1,12 @@
 """The progress event outbox: reading events back, purging them, and hearing about them.
 
-Writers append events in the same statement as the change (see ``progress.py``) and
-``pg_notify`` the course id at commit. Each server process keeps one dedicated connection
-LISTENing on that channel (``EventListener``); a notification only wakes the watchers of
-that course, which then read what they have not seen from the table. So a watcher that
-reads slowly holds no queue in memory (it reads from its last position when it is ready),
-and a missed notification costs at most one poll interval, never an event.
+Writers append events in the same statement as the change (see ``progress.py``); once it
+has committed, the writing process ``pg_notify``s the course id (``EventNotifier``). Each
+server process keeps one dedicated connection LISTENing on that channel
+(``EventListener``); a notification only wakes the watchers of that course, which then
+read what they have not seen from the table. So a watcher that reads slowly holds no queue
+in memory (it reads from its last position when it is ready), and a missed notification
+costs at most one poll interval, never an event.
 """
 
 from __future__ import annotations
@@ -140,6 +141,50 @@ class EventStore:
     async def purge(self, older_than_seconds: float, *, batch: int = 10_000) -> int:
         """Removes events older than the retention window; returns how many."""
         return await self.database.delete_in_slices(PURGE_EVENTS, older_than_seconds, batch=batch)
+
+
+NOTIFY_COURSES = f"""
+SELECT pg_notify('{EVENT_CHANNEL}', course) FROM unnest($1::text[]) AS course
+"""
+
+
+class EventNotifier:
+    """Tells every replica's watchers that courses have new events, after the writes commit.
+
+    NOTIFY inside the write transaction would serialise the commits of all event-writing
+    transactions of the database: PostgreSQL takes one database-wide lock for NOTIFY at
+    commit and holds it while the commit is flushed to disk. Measured, that held StartLesson,
+    RecordAttempt and CompleteLesson to about a third of what their statements allow. So a
+    write only marks its course here, and one notification statement at a time carries every
+    course marked meanwhile. If the process dies between the commit and the notification,
+    watchers still find the events at their next poll.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._pending: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def changed(self, course_id: str) -> None:
+        """Notes that ``course_id`` has committed new events."""
+        self._pending.add(course_id)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            courses = sorted(self._pending)
+            self._pending.clear()
+            try:
+                await self._notify(courses)
+            except errors.ServiceError as exc:
+                log.warning("cannot notify watchers (%s); they will poll", exc)
+
+    async def _notify(self, courses: list[str]) -> None:
+        async def work(connection: Connection) -> None:
+            await connection.execute(NOTIFY_COURSES, courses)
+
+        await self.database.run(work)
 
 
 class EventListener:

@@ -18,10 +18,10 @@ from datetime import datetime
 from lesson_progress import errors
 from lesson_progress.store.database import Connection, Database, Record
 from lesson_progress.store.events import (
-    EVENT_CHANNEL,
     EVENT_COLUMNS,
     EVENT_LOCK_NAMESPACE,
     EventKind,
+    EventNotifier,
 )
 from lesson_progress.store.heartbeats import HeartbeatWriter
 
@@ -81,7 +81,7 @@ course AS (
 
 def _events_cte(kinds: str) -> str:
     """CTEs that append events for the row of ``progress`` to the outbox, one per kind
-    yielded by the SQL ``kinds``, and NOTIFY watchers on every replica at commit.
+    yielded by the SQL ``kinds`` (the caller then tells the EventNotifier).
 
     The per-course advisory lock is taken before event ids are drawn and held until commit,
     so that a course's events become visible in id order (see migration 0002). "Newly
@@ -100,7 +100,6 @@ events AS (
     FROM progress p CROSS JOIN ({kinds}) AS k(kind)
     WHERE EXISTS (SELECT FROM course_lock)
     ORDER BY k.kind
-    RETURNING pg_notify('{EVENT_CHANNEL}', course_id::text)
 )"""
 
 
@@ -447,8 +446,11 @@ async def ensure_course(connection: Connection, course_id: str) -> None:
 class ProgressStore:
     """Reads and writes learners' progress."""
 
-    def __init__(self, database: Database, *, heartbeat_slots: int | None = None) -> None:
+    def __init__(
+        self, database: Database, notifier: EventNotifier, *, heartbeat_slots: int | None = None
+    ) -> None:
         self.database = database
+        self.notifier = notifier
         # Leave some connections for everything else while heartbeats are merged.
         slots = heartbeat_slots or max(1, database.pool.get_max_size() // 2)
         self.heartbeats = HeartbeatWriter(
@@ -487,9 +489,11 @@ class ProgressStore:
 
     async def start_lesson(self, user_id: str, course_id: str, lesson_id: str) -> Record:
         """Creates the lesson row or moves its last access time."""
-        return await self._write(
+        row = await self._write(
             START_LESSON, "StartLesson", user_id, course_id, lesson_id, with_request_id=False
         )
+        self.notifier.changed(course_id)
+        return row
 
     async def record_time(self, heartbeat: Heartbeat) -> Record:
         """Adds heartbeat seconds to a lesson (merged with concurrent heartbeats)."""
@@ -536,6 +540,7 @@ class ProgressStore:
             RECORD_ATTEMPT, "RecordAttempt", user_id, course_id, lesson_id, score,
             request_id=request_id,
         )  # fmt: skip
+        self.notifier.changed(course_id)
         if "passed" in row:
             return row, bool(row["passed"])
         # A replayed request: answer as the original call did.
@@ -557,6 +562,7 @@ class ProgressStore:
             COMPLETE_LESSON, "CompleteLesson", user_id, course_id, lesson_id, score,
             request_id=request_id,
         )  # fmt: skip
+        self.notifier.changed(course_id)
         course = await self.get_course_progress(user_id, course_id)
         return lesson, course
 
@@ -590,10 +596,12 @@ class ProgressStore:
         self, user_id: str, course_id: str, lesson_id: str, position: str | None
     ) -> Record:
         """Saves (or, with None, clears) the lesson's bookmark."""
-        return await self._write(
+        row = await self._write(
             SAVE_BOOKMARK, "SaveBookmark", user_id, course_id, lesson_id, position,
             with_request_id=False,
         )  # fmt: skip
+        self.notifier.changed(course_id)
+        return row
 
     async def list_attempts(
         self, user_id: str, course_id: str, lesson_id: str, *, after: int, limit: int
