@@ -1,13 +1,14 @@
 """SQL for one learner's progress: lesson rows, course rows, attempts, request ids.
 
-Updates stamp ``last_accessed_at`` with clock_timestamp(), read after the row lock is
-taken, so that it never moves backwards when concurrent writes commit out of start order.
-
 Each write is one statement: a writable CTE checks the lesson is in its course's current
 outline, claims the request id (if any), upserts the lesson row and, on completion, the
-course row, so that PostgreSQL sees one round trip and one commit per RPC. Only when that
-statement returns no row does a second query find out why (unknown lesson, replayed
-request, nothing to change).
+course row and the outbox events, so that PostgreSQL sees one round trip and one commit
+per RPC (fewer for heartbeats, which the HeartbeatWriter merges). Only when that statement
+returns no row does a second query find out why (unknown lesson, replayed request,
+nothing to change).
+
+Updates stamp ``last_accessed_at`` with clock_timestamp(), read after the row lock is
+taken, so that it never moves backwards when concurrent writes commit out of start order.
 """
 
 from __future__ import annotations
