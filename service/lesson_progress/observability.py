@@ -79,6 +79,10 @@ class Metrics:
             self.registry.register(_PoolCollector(pool))
         self._http: Any = None
 
+    def for_method(self, method: str) -> MethodMetrics:
+        """The metrics of one method, with their label values bound once."""
+        return MethodMetrics(self, method)
+
     def serve(self, host: str, port: int) -> int:
         """Serves /metrics over HTTP; returns the bound port."""
         self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -90,6 +94,26 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class MethodMetrics:
+    """One method's metric children, looked up once rather than on every call."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self.in_flight = metrics.in_flight.labels(method)
+        self.open_streams = metrics.open_streams.labels(method)
+        self.latency = metrics.latency.labels(method)
+        self._requests = metrics.requests
+        self._method = method
+        self._by_code: dict[str, Any] = {}
+
+    def finished(self, code: str, seconds: float) -> None:
+        """Counts a finished call with its status code and records its latency."""
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self._requests.labels(self._method, code)
+        counter.inc()
+        self.latency.observe(seconds)
 
 
 def log_rpc(method: str, code: str, started: float, peer: str, request_id: str) -> None:

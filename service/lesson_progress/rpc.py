@@ -125,14 +125,14 @@ def _request_id(request: object) -> str:
 
 
 def _wrap_unary(method: str, impl: UnaryHandler, policy: RpcPolicy) -> UnaryHandler:
-    metrics = policy.metrics
+    metrics = policy.metrics.for_method(method) if policy.metrics else None
 
     async def handle(request: Any, context: Context) -> Any:
         started = time.perf_counter()
         peer = context.peer()
         code = "OK"
         if metrics is not None:
-            metrics.in_flight.labels(method).inc()
+            metrics.in_flight.inc()
         try:
             policy.admit()
             if policy.authenticator is not None:
@@ -148,16 +148,15 @@ def _wrap_unary(method: str, impl: UnaryHandler, policy: RpcPolicy) -> UnaryHand
             await status.abort(context, rich)
         finally:
             if metrics is not None:
-                metrics.in_flight.labels(method).dec()
-                metrics.requests.labels(method, code).inc()
-                metrics.latency.labels(method).observe(time.perf_counter() - started)
+                metrics.in_flight.dec()
+                metrics.finished(code, time.perf_counter() - started)
             log_rpc(method, code, started, peer, _request_id(request))
 
     return handle
 
 
 def _wrap_stream(method: str, impl: StreamHandler, policy: RpcPolicy) -> StreamHandler:
-    metrics = policy.metrics
+    metrics = policy.metrics.for_method(method) if policy.metrics else None
 
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
         started = time.perf_counter()
@@ -178,7 +177,7 @@ def _wrap_stream(method: str, impl: StreamHandler, policy: RpcPolicy) -> StreamH
             policy.open_streams += 1
             counted = True
             if metrics is not None:
-                metrics.open_streams.labels(method).inc()
+                metrics.open_streams.inc()
             async for response in impl(request, context):
                 yield response
         except (asyncio.CancelledError, GeneratorExit):
@@ -192,10 +191,9 @@ def _wrap_stream(method: str, impl: StreamHandler, policy: RpcPolicy) -> StreamH
             if counted:
                 policy.open_streams -= 1
                 if metrics is not None:
-                    metrics.open_streams.labels(method).dec()
+                    metrics.open_streams.dec()
             if metrics is not None:
-                metrics.requests.labels(method, code).inc()
-                metrics.latency.labels(method).observe(time.perf_counter() - started)
+                metrics.finished(code, time.perf_counter() - started)
             log_rpc(method, code, started, peer, "")
 
     return handle
