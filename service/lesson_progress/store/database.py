@@ -57,6 +57,7 @@ class Database:
                 min_size=min(2, pool_size),
                 max_size=pool_size,
                 server_settings={"application_name": "lesson-progress"},
+                reset=_keep_session,
             )
         except _UNAVAILABLE as exc:
             raise errors.Unavailable(f"cannot connect to the database: {exc}") from None
@@ -114,6 +115,17 @@ class Database:
             raise _translate(exc) from None
         except _UNAVAILABLE as exc:
             raise errors.Unavailable(f"the database is unavailable: {exc}") from None
+
+
+async def _keep_session(connection: asyncpg.Connection[Record]) -> None:
+    """Releases a connection to the pool without asyncpg's reset query.
+
+    asyncpg still rolls back an open transaction first; the reset query itself (RESET ALL,
+    UNLISTEN *, advisory unlock, CLOSE ALL) would cost a round trip on every call, and the
+    service never changes session state on pooled connections: its advisory locks are
+    transaction-scoped, its cursors live in transactions, and LISTEN has its own
+    connection.
+    """
 
 
 def _translate(exc: asyncpg.PostgresError) -> Exception:

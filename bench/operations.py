@@ -1,0 +1,80 @@
+"""The operations a run measures, and how each is measured."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Op(enum.StrEnum):
+    """One measured operation; the value is its name in the report."""
+
+    RECORD_TIME = "RecordTime"
+    BATCH_RECORD_TIME = "BatchRecordTime"
+    START_LESSON = "StartLesson"
+    RECORD_ATTEMPT = "RecordAttempt"
+    COMPLETE_LESSON = "CompleteLesson"
+    GET_LESSON_PROGRESS = "GetLessonProgress"
+    LIST_LESSON_PROGRESS = "ListLessonProgress"
+    GET_COURSE_PROGRESS = "GetCourseProgress"
+    STREAM_LESSON_STATS = "StreamLessonStats"
+    STREAM_LESSON_STATS_LARGEST = "StreamLessonStats (largest course)"
+    STREAM_COURSE_LEARNERS = "StreamCourseLearners"
+
+
+class Backend(enum.StrEnum):
+    """Who executes the operation."""
+
+    SERVICE = "service"
+    """The gRPC service, started as a user starts it."""
+    RAW = "raw"
+    """asyncpg running the service's own SQL statements, one connection per client."""
+    NAIVE = "naive"
+    """asyncpg running the seed note's data flow: SELECT, then INSERT or UPDATE, then a
+    separate course_progress UPDATE, each statement its own transaction."""
+
+
+class Concurrency(enum.Enum):
+    """Which concurrency setting an operation runs at."""
+
+    DEFAULT = "default"
+    BATCH = "batch"
+    SINGLE = "single"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """How an operation is driven and reported."""
+
+    op: Op
+    write: bool
+    unit: str
+    """``ops`` (calls, or whole streams) or ``rows`` (batch entries, streamed messages)."""
+    concurrency: Concurrency
+    naive: bool
+    """Whether the seed's data flow has a counterpart to compare with."""
+
+
+SPECS: dict[Op, OpSpec] = {
+    spec.op: spec
+    for spec in (
+        OpSpec(Op.RECORD_TIME, True, "ops", Concurrency.DEFAULT, True),
+        OpSpec(Op.BATCH_RECORD_TIME, True, "rows", Concurrency.BATCH, True),
+        OpSpec(Op.START_LESSON, True, "ops", Concurrency.DEFAULT, True),
+        OpSpec(Op.RECORD_ATTEMPT, True, "ops", Concurrency.DEFAULT, True),
+        OpSpec(Op.COMPLETE_LESSON, True, "ops", Concurrency.DEFAULT, True),
+        OpSpec(Op.GET_LESSON_PROGRESS, False, "ops", Concurrency.DEFAULT, False),
+        OpSpec(Op.LIST_LESSON_PROGRESS, False, "ops", Concurrency.DEFAULT, False),
+        OpSpec(Op.GET_COURSE_PROGRESS, False, "ops", Concurrency.DEFAULT, False),
+        OpSpec(Op.STREAM_LESSON_STATS, False, "ops", Concurrency.DEFAULT, False),
+        OpSpec(Op.STREAM_LESSON_STATS_LARGEST, False, "ops", Concurrency.SINGLE, False),
+        OpSpec(Op.STREAM_COURSE_LEARNERS, False, "rows", Concurrency.SINGLE, False),
+    )
+}
+
+# Latency targets checked in open loop (arrivals at half the closed-loop throughput).
+LATENCY_TARGETS_MS: dict[Op, float] = {
+    Op.GET_LESSON_PROGRESS: 5.0,
+    Op.LIST_LESSON_PROGRESS: 20.0,
+    Op.STREAM_LESSON_STATS: 100.0,
+}

@@ -1,0 +1,88 @@
+"""The service under test, started in its own process exactly as a user starts it."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ServiceProcess:
+    """``python -m lesson_progress serve --database-url URL --port N --no-migrate``.
+
+    Default settings otherwise, except that the Prometheus endpoint (on, as by default)
+    takes any free port instead of the fixed default one, which another server on the
+    machine may hold.
+    """
+
+    def __init__(self, database_url: str, log_path: Path) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.command = [
+            sys.executable, "-m", "lesson_progress", "serve",
+            "--database-url", database_url, "--host", "127.0.0.1", "--port", str(self.port),
+            "--metrics-port", "0", "--no-migrate",
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            self.popen = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        self.process = psutil.Process(self.popen.pid)
+        self._wait_ready()
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        return self.popen.pid
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        with grpc.insecure_channel(self.address) as channel:
+            while True:
+                if self.popen.poll() is not None:
+                    raise RuntimeError(
+                        f"the service exited with {self.popen.returncode}; "
+                        f"its output:\n{self.log_path.read_text()[-3000:]}"
+                    )
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=0.5)
+                    return
+                except grpc.FutureTimeoutError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the service did not start listening") from None
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the server has used so far (all its threads)."""
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
+    def rss(self) -> int:
+        """Resident memory now, in bytes."""
+        return int(self.process.memory_info().rss)
+
+    def stop(self) -> None:
+        """SIGTERM (graceful shutdown), then SIGKILL if it takes too long."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.popen.kill()
+                self.popen.wait()

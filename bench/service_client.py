@@ -1,0 +1,133 @@
+"""Calls the running service over gRPC (grpc.aio), one channel per load generator process."""
+
+from __future__ import annotations
+
+import grpc
+
+from bench.backends import Call, Outcome, Window, unsupported
+from bench.keys import CourseKey, Heartbeat, Key, Params, Scored
+from bench.operations import Op
+from lessonprogress.v1 import (
+    analytics_service_pb2,
+    analytics_service_pb2_grpc,
+    progress_service_pb2,
+    progress_service_pb2_grpc,
+)
+
+pb = progress_service_pb2
+apb = analytics_service_pb2
+
+
+def _record_time(beat: Heartbeat) -> pb.RecordTimeRequest:
+    key = beat.key
+    return pb.RecordTimeRequest(
+        user_id=key.user_id, course_id=key.course_id, lesson_id=key.lesson_id, seconds=beat.seconds
+    )
+
+
+def _request(op: Op, params: Params) -> object:
+    """The request message of ``op`` for ``params``."""
+    match op, params:
+        case Op.RECORD_TIME, Heartbeat():
+            return _record_time(params)
+        case Op.BATCH_RECORD_TIME, tuple():
+            return pb.BatchRecordTimeRequest(requests=[_record_time(b) for b in params])
+        case Op.START_LESSON, Key(user_id=user, course_id=course, lesson_id=lesson):
+            return pb.StartLessonRequest(user_id=user, course_id=course, lesson_id=lesson)
+        case Op.GET_LESSON_PROGRESS, Key(user_id=user, course_id=course, lesson_id=lesson):
+            return pb.GetLessonProgressRequest(user_id=user, course_id=course, lesson_id=lesson)
+        case Op.RECORD_ATTEMPT, Scored(key=key, score=score):
+            return pb.RecordAttemptRequest(
+                user_id=key.user_id, course_id=key.course_id, lesson_id=key.lesson_id, score=score
+            )
+        case Op.COMPLETE_LESSON, Scored(key=key, score=score):
+            return pb.CompleteLessonRequest(
+                user_id=key.user_id, course_id=key.course_id, lesson_id=key.lesson_id, score=score
+            )
+        case Op.LIST_LESSON_PROGRESS, CourseKey(user_id=user, course_id=course):
+            return pb.ListLessonProgressRequest(user_id=user, course_id=course)
+        case Op.GET_COURSE_PROGRESS, CourseKey(user_id=user, course_id=course):
+            return pb.GetCourseProgressRequest(user_id=user, course_id=course)
+        case Op.STREAM_LESSON_STATS | Op.STREAM_LESSON_STATS_LARGEST, str():
+            return apb.StreamLessonStatsRequest(course_id=params)
+        case Op.STREAM_COURSE_LEARNERS, str():
+            return apb.StreamCourseLearnersRequest(course_id=params)
+    raise AssertionError((op, params))
+
+
+class ServiceBackend:
+    """The service under test, reached at ``address``."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel: grpc.aio.Channel | None = None
+
+    async def open(self, slots: int) -> None:
+        """Opens the channel (all slots share it, as a client library would)."""
+        self._channel = grpc.aio.insecure_channel(self.address)
+        await self._channel.channel_ready()
+        progress = progress_service_pb2_grpc.ProgressServiceStub(self._channel)
+        analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(self._channel)
+        self._unary = {
+            Op.RECORD_TIME: progress.RecordTime,
+            Op.START_LESSON: progress.StartLesson,
+            Op.RECORD_ATTEMPT: progress.RecordAttempt,
+            Op.COMPLETE_LESSON: progress.CompleteLesson,
+            Op.GET_LESSON_PROGRESS: progress.GetLessonProgress,
+            Op.LIST_LESSON_PROGRESS: progress.ListLessonProgress,
+            Op.GET_COURSE_PROGRESS: progress.GetCourseProgress,
+        }
+        self._batch = progress.BatchRecordTime
+        self._lesson_stats = analytics.StreamLessonStats
+        self._learners = analytics.StreamCourseLearners
+
+    def prepare(self, op: Op, params: list[Params]) -> list[object]:
+        """Builds every request message before the clock starts."""
+        return [_request(op, p) for p in params]
+
+    def call(self, op: Op) -> Call:
+        """The call of ``op``."""
+        if op in self._unary:
+            method = self._unary[op]
+
+            async def unary(slot: int, request: object, window: Window) -> Outcome:
+                await method(request)  # type: ignore[operator]
+                return 1, True
+
+            return unary
+        if op is Op.BATCH_RECORD_TIME:
+
+            async def batch(slot: int, request: object, window: Window) -> Outcome:
+                response = await self._batch(request)  # type: ignore[arg-type]
+                return len(response.lessons), True
+
+            return batch
+        if op in (Op.STREAM_LESSON_STATS, Op.STREAM_LESSON_STATS_LARGEST):
+            return self._stream(self._lesson_stats)
+        if op is Op.STREAM_COURSE_LEARNERS:
+            return self._stream(self._learners)
+        return unsupported(op, "service")
+
+    @staticmethod
+    def _stream(method: object) -> Call:
+        async def stream(slot: int, request: object, window: Window) -> Outcome:
+            call = method(request)  # type: ignore[operator]
+            rows = 0
+            async for _ in call:
+                inside, past = window.rows_now()
+                if past:
+                    call.cancel()
+                    return rows, False
+                rows += inside
+            return rows, True
+
+        return stream
+
+    def counts_rows_in_window(self, op: Op) -> bool:
+        """Streamed learners are counted as they arrive."""
+        return op is Op.STREAM_COURSE_LEARNERS
+
+    async def close(self) -> None:
+        """Closes the channel."""
+        if self._channel is not None:
+            await self._channel.close()

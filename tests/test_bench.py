@@ -1,0 +1,90 @@
+"""The benchmark harness runs end to end (in --quick mode) and reports every operation.
+
+It runs as a user runs it, as a subprocess (it starts its own PostgreSQL, service and load
+generator processes). No figure is asserted: on shared cores timing means nothing here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.operations import Op
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """Runs ``python -m bench --quick --output <tmp>``; returns its stdout and the report."""
+    output = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
+    benchmarks = ROOT / "BENCHMARKS.md"
+    before = benchmarks.read_text() if benchmarks.exists() else None
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    after = benchmarks.read_text() if benchmarks.exists() else None
+    assert after == before, "a --quick run must not touch BENCHMARKS.md"
+    return completed.stdout, output
+
+
+def _table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
+    """The rows of the table under ``heading``, by their first cell."""
+    section = markdown.split(heading, 1)[1].split("\n### ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    rows = {}
+    for line in lines[2:]:  # after the header and its separator
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_prints_a_throughput_table_with_every_operation(quick_run: tuple[str, Path]) -> None:
+    stdout, _ = quick_run
+    rows = _table_rows(stdout, "### Throughput (closed loop)")
+    assert set(rows) == {str(op) for op in Op}
+    for op, cells in rows.items():
+        service, raw = cells[1], cells[6]
+        assert service != "—", f"{op}: the service was not measured"
+        assert raw != "—", f"{op}: raw asyncpg was not measured"
+
+
+def test_writes_the_report_with_targets_and_machine(quick_run: tuple[str, Path]) -> None:
+    stdout, output = quick_run
+    report = output.read_text()
+    assert report.startswith("# Benchmarks")
+    assert "<!-- bench rows=20000 -->" in report
+    for heading in ("### Targets", "### Latency under load", "### Database", "### Machine"):
+        assert heading in report
+    targets = _table_rows(report, "### Targets")
+    statuses = {cells[-1] for cells in targets.values()}
+    assert statuses <= {"met", "**not met**", "not measured"}
+    assert any("HOT share" in name for name in targets)
+    assert "PostgreSQL: " in report
+    assert "grpcio: " in report
+    assert _table_rows(report, "### Throughput (closed loop)") == _table_rows(
+        stdout, "### Throughput (closed loop)"
+    )
+
+
+def test_a_new_run_replaces_only_its_own_section(tmp_path: Path) -> None:
+    from bench import report
+
+    path = tmp_path / "BENCHMARKS.md"
+    report.write(path, 10_000_000, "## big\n")
+    report.write(path, 1_000_000, "## small, first\n")
+    path.write_text(path.read_text() + "\nNotes kept by hand.\n")
+    report.write(path, 1_000_000, "## small, second\n")
+    text = path.read_text()
+    assert "first" not in text
+    assert text.index("## small, second") < text.index("## big")
+    assert text.endswith("Notes kept by hand.\n")
