@@ -40,7 +40,7 @@ RUN rm -rf service/lessonprogress \
         --python_out=service --grpc_python_out=service \
         --mypy_out=service --mypy_grpc_out=service \
         $(find protos -name '*.proto' | sort) \
-    && find service -type d -exec sh -c 'touch "$1/__init__.py"' _ {} \;
+    && find service/lessonprogress -type d -exec sh -c 'touch "$1/__init__.py"' _ {} \;
 
 # The service and its runtime dependencies (not the [dev] extra), installed non-editable.
 RUN python -m venv /opt/venv \
