@@ -48,7 +48,15 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -261,6 +269,23 @@ def _heartbeat_request(entry: Heartbeat | RecordTimeRequest) -> RecordTimeReques
 
 
 # --- the client ------------------------------------------------------------------------------
+
+
+_Page = TypeVar("_Page", ListLessonProgressResponse, ListAttemptsResponse)
+
+
+async def _paged(
+    fetch: Callable[[str], Awaitable[_Page]], items: Callable[[_Page], Iterable[ItemT]]
+) -> AsyncIterator[ItemT]:
+    """Every item of an AIP-158 listing: ``fetch(page_token)`` page after page."""
+    page_token = ""
+    while True:
+        page = await fetch(page_token)
+        for item in items(page):
+            yield item
+        page_token = page.next_page_token
+        if not page_token:
+            return
 
 
 class ProgressClient:
@@ -660,21 +685,18 @@ class ProgressClient:
 
         Each page is one call with its own deadline (``timeout``) and retries.
         """
-        page_token = ""
-        while True:
-            page = await self.list_lesson_progress(
+        async for lesson in _paged(
+            lambda token: self.list_lesson_progress(
                 user_id=user_id,
                 course_id=course_id,
                 page_size=page_size,
-                page_token=page_token,
+                page_token=token,
                 completed_only=completed_only,
                 timeout=timeout,
-            )
-            for lesson in page.lessons:
-                yield lesson
-            page_token = page.next_page_token
-            if not page_token:
-                return
+            ),
+            lambda page: page.lessons,
+        ):
+            yield lesson
 
     async def get_course_progress(
         self, *, user_id: str, course_id: str, timeout: float | None = None
@@ -729,21 +751,18 @@ class ProgressClient:
         timeout: float | None = None,
     ) -> AsyncIterator[Attempt]:
         """The whole attempt history of a lesson, oldest first, page after page."""
-        page_token = ""
-        while True:
-            page = await self.list_attempts(
+        async for attempt in _paged(
+            lambda token: self.list_attempts(
                 user_id=user_id,
                 course_id=course_id,
                 lesson_id=lesson_id,
                 page_size=page_size,
-                page_token=page_token,
+                page_token=token,
                 timeout=timeout,
-            )
-            for attempt in page.attempts:
-                yield attempt
-            page_token = page.next_page_token
-            if not page_token:
-                return
+            ),
+            lambda page: page.attempts,
+        ):
+            yield attempt
 
     async def save_bookmark(
         self,

@@ -229,16 +229,22 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     if database_url is not None and not database_url.startswith(("postgres://", "postgresql://")):
         problems.append("DATABASE_URL (--database-url): must start with postgresql://")
 
-    migrate = defaults.migrate_on_start
-    if getattr(args, "no_migrate", None):
-        migrate = False
-    elif (env_migrate := environ.get(ENV_PREFIX + "MIGRATE")) is not None:
-        if env_migrate.lower() in ("1", "true", "yes", "on"):
-            migrate = True
-        elif env_migrate.lower() in ("0", "false", "no", "off"):
-            migrate = False
-        else:
-            problems.append(f"{ENV_PREFIX}MIGRATE: {env_migrate!r} is not true or false")
+    def boolean(flag: str | None, env: str, default: bool) -> bool:
+        if flag is not None and getattr(args, flag, None):
+            return True
+        value = environ.get(env)
+        if value is None or value == "":
+            return default
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        problems.append(f"{env}: {value!r} is not true or false")
+        return default
+
+    migrate = not getattr(args, "no_migrate", None) and boolean(
+        None, ENV_PREFIX + "MIGRATE", defaults.migrate_on_start
+    )
 
     log_level = (raw("log_level", ENV_PREFIX + "LOG_LEVEL") or defaults.log_level).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -251,19 +257,6 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         problems.append(
             f"{ENV_PREFIX}MIGRATIONS_DIR (--migrations-dir): {migrations_dir} is not a directory"
         )
-
-    def boolean(flag: str, env: str, default: bool) -> bool:
-        if getattr(args, flag, None):
-            return True
-        value = environ.get(env)
-        if value is None or value == "":
-            return default
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        problems.append(f"{env}: {value!r} is not true or false")
-        return default
 
     def path(flag: str, env: str) -> Path | None:
         value = raw(flag, env)
