@@ -1034,12 +1034,12 @@ async def stream_backends(db: asyncpg.Connection) -> int:
 async def wait_until_released(db: asyncpg.Connection, running: server.RunningServer) -> None:
     """Waits (bounded) until the server's pool has every connection back and no backend
     is still in the stream's query; then asserts it."""
-    pool = running.database.pool
+    database = running.database
     for _ in range(200):
-        if pool.get_idle_size() == pool.get_size() and await stream_backends(db) == 0:
+        if database.stats().in_use == 0 and await stream_backends(db) == 0:
             break
         await asyncio.sleep(0.05)
-    assert pool.get_idle_size() == pool.get_size(), (pool.get_idle_size(), pool.get_size())
+    assert database.stats().in_use == 0, database.stats()
     assert await stream_backends(db) == 0
 
 
@@ -1048,7 +1048,7 @@ async def pool_still_serves(
 ) -> None:
     """As many streams as the pool has connections can all be in flight at once: each
     holds a connection until cancelled, so a connection lost earlier would hang one."""
-    size = running.database.pool.get_max_size()
+    size = running.database.max_size
     calls = [
         analytics.StreamCourseLearners(
             an.StreamCourseLearnersRequest(course_id=course_id, page_size=10)
@@ -1076,7 +1076,6 @@ async def abandon_stream(database_url: str, course_id: str, first_user: str, how
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(channel)
             await wait_until_released(db, running)
-            pool = running.database.pool
             call = analytics.StreamCourseLearners(
                 an.StreamCourseLearnersRequest(course_id=course_id, page_size=50),
                 timeout=2.0 if how == "deadline" else None,
@@ -1087,7 +1086,7 @@ async def abandon_stream(database_url: str, course_id: str, first_user: str, how
                 assert first.course_progress.user_id == first_user
                 # The stream is in flight: its snapshot transaction is open on the server.
                 assert await stream_backends(db) == 1
-                assert pool.get_idle_size() < pool.get_size()
+                assert running.database.stats().in_use > 0
                 if how == "deadline":
                     # Read nothing more: the deadline passes while the server is blocked on
                     # flow control.

@@ -172,6 +172,27 @@ def test_load_lists_every_problem_at_once() -> None:
         assert value in message, value
 
 
+def test_readme_configuration_table_matches_the_declarations() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("| variable | flag | default | meaning |")
+    table = readme[start : readme.index("\n\n", start)]
+    assert table == config.markdown_table(), (
+        "README.md's configuration table differs from lesson_progress/config.py; replace it "
+        "with the output of `python -m lesson_progress.config`"
+    )
+
+
+def test_every_setting_has_a_flag_and_a_variable() -> None:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    flags = {option for action in parser._actions for option in action.option_strings}
+    declared = config.settings()
+    assert len(declared) == len([f for f in Config.__dataclass_fields__ if f != "callers"])
+    for _, setting in declared:
+        assert f"--{setting.flag}" in flags
+        assert setting.env.startswith("LESSON_PROGRESS_") or setting.env == "DATABASE_URL"
+
+
 # --- lesson-progress serve: bad configuration ---------------------------------------------
 
 # (flags, environment, setting that must be named, bad value that must be quoted or None)

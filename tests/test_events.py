@@ -16,7 +16,6 @@ import grpc
 import pytest
 
 from lesson_progress import server
-from lesson_progress.store.events import EventStore
 from lessonprogress.v1 import catalog_service_pb2 as cs
 from lessonprogress.v1 import catalog_service_pb2_grpc, progress_service_pb2_grpc, resources_pb2
 from lessonprogress.v1 import progress_service_pb2 as ps
@@ -758,7 +757,7 @@ async def test_purge_makes_older_positions_out_of_range(
         for lesson in ("l1", "l2", "l3"):
             await progress.StartLesson(ps.StartLessonRequest(**key(user, cid, lesson)))
         events = await next_events(call, 3)
-        purged = await EventStore(running_server.database).purge(0)
+        purged = await running_server.event_store.purge(0)
         assert purged >= 3 + 1  # at least these and the marker
 
         # A live watcher that had read everything goes on.
