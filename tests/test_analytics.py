@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -35,6 +34,7 @@ from lessonprogress.v1 import catalog_service_pb2 as cs
 from lessonprogress.v1 import progress_service_pb2 as ps
 from tests.conftest import new_id, server_config
 from tests.errors import bad_fields, error_info
+from tests.support import CHILD_DATABASE_URL, key, run_in_child
 
 Catalog = catalog_service_pb2_grpc.CatalogServiceStub
 Progress = progress_service_pb2_grpc.ProgressServiceStub
@@ -333,10 +333,6 @@ def assert_learners(got: list[resources_pb2.CourseProgress], model: Model) -> No
 
 TIME_CHOICES = [30, 60, 60, 60, 90, 120, 300, 1, 45]
 SCORE_CHOICES = [0, 9, 10, 49, 50, 69, 70, 79, 80, 89, 90, 99, 100]
-
-
-def key(user_id: str, course_id: str, lesson_id: str) -> dict[str, str]:
-    return {"user_id": user_id, "course_id": course_id, "lesson_id": lesson_id}
 
 
 async def register(catalog: Catalog, course_id: str, lessons: list[LessonSpec]) -> None:
@@ -1112,30 +1108,15 @@ async def test_abandoned_stream_returns_its_connection(
     The server runs in a child process so that a crash of the server process fails this
     test instead of ending the whole test session.
     """
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-X",
-        "faulthandler",
-        "-m",
+    await run_in_child(
         "tests.test_analytics",
+        database_url,
         how,
         big_course.course_id,
         min(big_course.seconds),
-        cwd=PROJECT_ROOT,
-        env={**os.environ, CHILD_DATABASE_URL: database_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(child.communicate(), 4 * HANG_GUARD_SECONDS)
-    crashed = f" (killed by signal {-child.returncode})" if (child.returncode or 0) < 0 else ""
-    assert child.returncode == 0, (
-        f"server process exited with {child.returncode}{crashed}\n"
-        f"{out.decode(errors='replace')[-3000:]}\n{err.decode(errors='replace')[-6000:]}"
+        hang_guard=4 * HANG_GUARD_SECONDS,
     )
 
-
-CHILD_DATABASE_URL = "LESSON_PROGRESS_TEST_CHILD_DATABASE_URL"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     asyncio.run(
