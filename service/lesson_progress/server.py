@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lesson_progress import embedded, migrate, rpc
-from lesson_progress.auth import Authenticator
+from lesson_progress.auth import Authenticator, load_callers
 from lesson_progress.config import Config, is_loopback
 from lesson_progress.health import HealthReporter
 from lesson_progress.observability import Metrics
@@ -152,7 +152,8 @@ async def _start(config: Config, resources: contextlib.AsyncExitStack) -> Runnin
     event_store = EventStore(database, listener, shutdown, poll_seconds=config.watch_poll_seconds)
     authenticator = None
     if config.auth_tokens_file is not None:
-        authenticator = Authenticator(config.callers)
+        # load() read the file already; a Config built in code may leave that to here.
+        authenticator = Authenticator(config.callers or load_callers(config.auth_tokens_file))
     elif not is_loopback(config.host):
         log.warning(
             "INSECURE: serving an unauthenticated API on %s (--insecure); anyone who can "
