@@ -17,16 +17,13 @@ from bench.backends import Call, Outcome, Window, unsupported
 from bench.keys import CourseKey, Heartbeat, Key, Params, Scored
 from bench.operations import Op
 from lesson_progress.store.analytics import COURSE_LEARNERS, LESSON_STATS
+from lesson_progress.store.checks import COURSE_EXISTS, GET_LESSON_PROGRESS, LOOKUP_LESSON
+from lesson_progress.store.heartbeats import BATCH_RECORD_TIME, RECORD_TIME
 from lesson_progress.store.progress import (
-    BATCH_RECORD_TIME,
     COMPLETE_LESSON,
-    COURSE_EXISTS,
     GET_COURSE_PROGRESS,
-    GET_LESSON_PROGRESS,
     LIST_LESSON_PROGRESS,
-    LOOKUP_LESSON,
     RECORD_ATTEMPT,
-    RECORD_TIME,
     START_LESSON,
 )
 

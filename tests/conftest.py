@@ -140,3 +140,16 @@ def make_course(
         return CourseIds(course_id, lesson_ids)
 
     return make
+
+
+@pytest.fixture
+async def fresh_url(postgres_url: str) -> AsyncIterator[str]:
+    """URL of a new, empty database, dropped after the test."""
+    name = postgres.fresh_database_name()
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield postgres.with_database(postgres_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -35,6 +34,7 @@ from lessonprogress.v1 import catalog_service_pb2 as cs
 from lessonprogress.v1 import progress_service_pb2 as ps
 from tests.conftest import new_id, server_config
 from tests.errors import bad_fields, error_info
+from tests.support import CHILD_DATABASE_URL, key, run_in_child
 
 Catalog = catalog_service_pb2_grpc.CatalogServiceStub
 Progress = progress_service_pb2_grpc.ProgressServiceStub
@@ -333,10 +333,6 @@ def assert_learners(got: list[resources_pb2.CourseProgress], model: Model) -> No
 
 TIME_CHOICES = [30, 60, 60, 60, 90, 120, 300, 1, 45]
 SCORE_CHOICES = [0, 9, 10, 49, 50, 69, 70, 79, 80, 89, 90, 99, 100]
-
-
-def key(user_id: str, course_id: str, lesson_id: str) -> dict[str, str]:
-    return {"user_id": user_id, "course_id": course_id, "lesson_id": lesson_id}
 
 
 async def register(catalog: Catalog, course_id: str, lessons: list[LessonSpec]) -> None:
@@ -1034,12 +1030,12 @@ async def stream_backends(db: asyncpg.Connection) -> int:
 async def wait_until_released(db: asyncpg.Connection, running: server.RunningServer) -> None:
     """Waits (bounded) until the server's pool has every connection back and no backend
     is still in the stream's query; then asserts it."""
-    pool = running.database.pool
+    database = running.database
     for _ in range(200):
-        if pool.get_idle_size() == pool.get_size() and await stream_backends(db) == 0:
+        if database.stats().in_use == 0 and await stream_backends(db) == 0:
             break
         await asyncio.sleep(0.05)
-    assert pool.get_idle_size() == pool.get_size(), (pool.get_idle_size(), pool.get_size())
+    assert database.stats().in_use == 0, database.stats()
     assert await stream_backends(db) == 0
 
 
@@ -1048,7 +1044,7 @@ async def pool_still_serves(
 ) -> None:
     """As many streams as the pool has connections can all be in flight at once: each
     holds a connection until cancelled, so a connection lost earlier would hang one."""
-    size = running.database.pool.get_max_size()
+    size = running.database.max_size
     calls = [
         analytics.StreamCourseLearners(
             an.StreamCourseLearnersRequest(course_id=course_id, page_size=10)
@@ -1076,7 +1072,6 @@ async def abandon_stream(database_url: str, course_id: str, first_user: str, how
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(channel)
             await wait_until_released(db, running)
-            pool = running.database.pool
             call = analytics.StreamCourseLearners(
                 an.StreamCourseLearnersRequest(course_id=course_id, page_size=50),
                 timeout=2.0 if how == "deadline" else None,
@@ -1087,7 +1082,7 @@ async def abandon_stream(database_url: str, course_id: str, first_user: str, how
                 assert first.course_progress.user_id == first_user
                 # The stream is in flight: its snapshot transaction is open on the server.
                 assert await stream_backends(db) == 1
-                assert pool.get_idle_size() < pool.get_size()
+                assert running.database.stats().in_use > 0
                 if how == "deadline":
                     # Read nothing more: the deadline passes while the server is blocked on
                     # flow control.
@@ -1113,30 +1108,15 @@ async def test_abandoned_stream_returns_its_connection(
     The server runs in a child process so that a crash of the server process fails this
     test instead of ending the whole test session.
     """
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-X",
-        "faulthandler",
-        "-m",
+    await run_in_child(
         "tests.test_analytics",
+        database_url,
         how,
         big_course.course_id,
         min(big_course.seconds),
-        cwd=PROJECT_ROOT,
-        env={**os.environ, CHILD_DATABASE_URL: database_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(child.communicate(), 4 * HANG_GUARD_SECONDS)
-    crashed = f" (killed by signal {-child.returncode})" if (child.returncode or 0) < 0 else ""
-    assert child.returncode == 0, (
-        f"server process exited with {child.returncode}{crashed}\n"
-        f"{out.decode(errors='replace')[-3000:]}\n{err.decode(errors='replace')[-6000:]}"
+        hang_guard=4 * HANG_GUARD_SECONDS,
     )
 
-
-CHILD_DATABASE_URL = "LESSON_PROGRESS_TEST_CHILD_DATABASE_URL"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     asyncio.run(

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -27,23 +23,12 @@ import pytest
 from lesson_progress import config
 from lesson_progress.config import Config, ConfigError, parse_duration
 from lessonprogress.v1 import catalog_service_pb2, catalog_service_pb2_grpc, resources_pb2
-from tests import postgres
+from tests.support import ServerProcess, clean_env, free_port
 
 COMMAND_TIMEOUT = 60.0  # seconds; a command that does not finish by then has hung
 EMBEDDED_START_TIMEOUT = 120.0  # initdb + start of the embedded PostgreSQL
 STOP_TIMEOUT = 60.0
 MIGRATIONS_DIR = Config().migrations_dir
-
-
-def clean_env(**overrides: str) -> dict[str, str]:
-    """The test's environment without any service setting, plus ``overrides``."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key != "DATABASE_URL" and not key.startswith("LESSON_PROGRESS_")
-    }
-    env.update(overrides)
-    return env
 
 
 def run_command(
@@ -60,12 +45,6 @@ def run_command(
         timeout=COMMAND_TIMEOUT,
         check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- config.parse_duration ---------------------------------------------------------------
@@ -172,6 +151,27 @@ def test_load_lists_every_problem_at_once() -> None:
         assert value in message, value
 
 
+def test_readme_configuration_table_matches_the_declarations() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("| variable | flag | default | meaning |")
+    table = readme[start : readme.index("\n\n", start)]
+    assert table == config.markdown_table(), (
+        "README.md's configuration table differs from lesson_progress/config.py; replace it "
+        "with the output of `python -m lesson_progress.config`"
+    )
+
+
+def test_every_setting_has_a_flag_and_a_variable() -> None:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    flags = {option for action in parser._actions for option in action.option_strings}
+    declared = config.settings()
+    assert len(declared) == len([f for f in Config.__dataclass_fields__ if f != "callers"])
+    for _, setting in declared:
+        assert f"--{setting.flag}" in flags
+        assert setting.env.startswith("LESSON_PROGRESS_") or setting.env == "DATABASE_URL"
+
+
 # --- lesson-progress serve: bad configuration ---------------------------------------------
 
 # (flags, environment, setting that must be named, bad value that must be quoted or None)
@@ -269,19 +269,6 @@ def test_migrate_refuses_bad_configuration(tmp_path: Path) -> None:
 # --- lesson-progress migrate --------------------------------------------------------------
 
 
-@pytest.fixture
-async def fresh_url(postgres_url: str) -> AsyncIterator[str]:
-    """URL of a new, empty database, dropped after the test."""
-    name = postgres.fresh_database_name()
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield postgres.with_database(postgres_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
 async def test_migrate_command_applies_then_has_nothing_pending(
     fresh_url: str, tmp_path: Path
 ) -> None:
@@ -331,52 +318,6 @@ async def test_migrate_command_refuses_edited_migration(fresh_url: str, tmp_path
 # --- lesson-progress serve with an embedded PostgreSQL -------------------------------------
 
 
-class Served:
-    """A ``lesson-progress serve`` child process, logging to a file."""
-
-    def __init__(self, env: dict[str, str], cwd: Path, log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lesson_progress", "serve"],
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    async def wait_ready(self, address: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + EMBEDDED_START_TIMEOUT
-        async with grpc.aio.insecure_channel(address) as channel:
-            while True:
-                code = self.process.poll()
-                assert code is None, f"serve exited with {code}:\n{self.log_tail()}"
-                try:
-                    await asyncio.wait_for(channel.channel_ready(), timeout=1)
-                    return
-                except TimeoutError:
-                    assert loop.time() < deadline, f"serve not ready:\n{self.log_tail()}"
-
-    async def terminate(self) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.to_thread(self.process.wait, STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=STOP_TIMEOUT)
-        self._log.close()
-
-
 async def test_serve_with_embedded_postgres_persists_across_restarts(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     port = free_port()
@@ -394,9 +335,12 @@ async def test_serve_with_embedded_postgres_persists_across_restarts(tmp_path: P
     ]
 
     for run in ("first", "second"):
-        served = Served(env, tmp_path, tmp_path / f"{run}.log")
+        served = ServerProcess(
+            [], tmp_path / f"{run}.log", address, env=env, cwd=tmp_path,
+            start_timeout=EMBEDDED_START_TIMEOUT, stop_timeout=STOP_TIMEOUT,
+        )  # fmt: skip
         try:
-            await served.wait_ready(address)
+            await served.wait_ready()
             async with grpc.aio.insecure_channel(address) as channel:
                 catalog = catalog_service_pb2_grpc.CatalogServiceStub(channel)
                 with pytest.raises(grpc.aio.AioRpcError) as raised:

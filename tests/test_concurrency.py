@@ -14,10 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import signal
-import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +32,7 @@ from lessonprogress.v1 import (
     progress_service_pb2_grpc,
     resources_pb2,
 )
+from tests.support import ServerProcess, free_port
 
 CALL_TIMEOUT = 60.0  # seconds; only there so that a hung call fails instead of hanging
 START_TIMEOUT = 60.0
@@ -49,79 +46,22 @@ COMPLETED_DIRECTLY = ["l1", "l3", "l5"]  # completed by CompleteLesson
 ATTEMPTED = ["l2", "l4", "l6", "l7"]  # l6, l7 have no passing score
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def round_half_up(value: Fraction) -> int:
     return int(value + Fraction(1, 2))
 
 
-class ServerProcess:
-    """One ``python -m lesson_progress serve`` child process, logging to a file."""
-
-    def __init__(self, database_url: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lesson_progress",
-                "serve",
-                "--database-url",
-                database_url,
-                "--port",
-                str(self.port),
-                "--no-migrate",
-                "--host",
-                "127.0.0.1",
-                # Two replicas on one host cannot share the default metrics port (9464).
-                "--metrics-port",
-                "0",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.address = f"127.0.0.1:{self.port}"
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    async def wait_ready(self) -> None:
-        """Waits until the server accepts gRPC connections (or fails if it exits)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            while True:
-                code = self.process.poll()
-                assert code is None, f"server exited with {code}:\n{self.log_tail()}"
-                try:
-                    await asyncio.wait_for(channel.channel_ready(), timeout=1)
-                    return
-                except TimeoutError:
-                    assert loop.time() < deadline, f"server not ready:\n{self.log_tail()}"
-
-    async def terminate(self) -> int | None:
-        """Sends SIGTERM and waits for the exit code (None if it did not exit in time)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.to_thread(self.process.wait, STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        """Makes sure the process is gone and its log file closed."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=STOP_TIMEOUT)
-        self._log.close()
+def replica(database_url: str, log_path: Path) -> ServerProcess:
+    """A server process on the database, on a port of its own."""
+    port = free_port()
+    flags = [
+        "--database-url", database_url, "--port", str(port), "--no-migrate",
+        "--host", "127.0.0.1",
+        # Two replicas on one host cannot share the default metrics port (9464).
+        "--metrics-port", "0",
+    ]  # fmt: skip
+    return ServerProcess(
+        flags, log_path, f"127.0.0.1:{port}", start_timeout=START_TIMEOUT, stop_timeout=STOP_TIMEOUT
+    )
 
 
 @dataclass
@@ -137,7 +77,7 @@ class Server:
 @pytest.fixture
 async def servers(database_url: str, tmp_path: Path) -> AsyncIterator[list[Server]]:
     """Two server processes on the session database; asserts each stops with exit code 0."""
-    processes = [ServerProcess(database_url, tmp_path / f"server{i}.log") for i in range(2)]
+    processes = [replica(database_url, tmp_path / f"server{i}.log") for i in range(2)]
     channels: list[grpc.aio.Channel] = []
     try:
         for p in processes:

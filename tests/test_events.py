@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,12 +14,12 @@ import grpc
 import pytest
 
 from lesson_progress import server
-from lesson_progress.store.events import EventStore
 from lessonprogress.v1 import catalog_service_pb2 as cs
 from lessonprogress.v1 import catalog_service_pb2_grpc, progress_service_pb2_grpc, resources_pb2
 from lessonprogress.v1 import progress_service_pb2 as ps
 from tests.conftest import new_id, server_config
 from tests.errors import bad_fields, error_info
+from tests.support import CHILD_DATABASE_URL, key, micros, run_in_child
 
 Catalog = catalog_service_pb2_grpc.CatalogServiceStub
 Progress = progress_service_pb2_grpc.ProgressServiceStub
@@ -40,14 +38,6 @@ HANG_GUARD_SECONDS = 30.0
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def key(user_id: str, course_id: str, lesson_id: str) -> dict[str, str]:
-    return {"user_id": user_id, "course_id": course_id, "lesson_id": lesson_id}
-
-
-def micros(timestamp: Any) -> int:
-    return int(timestamp.ToMicroseconds())
 
 
 def describe(event: Event) -> str:
@@ -683,23 +673,7 @@ async def test_cancelling_a_watcher_far_behind_keeps_the_server_up(database_url:
     The server runs in a child process so that a crash of the server process fails this
     test instead of ending the whole test session.
     """
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-X",
-        "faulthandler",
-        "-m",
-        "tests.test_events",
-        cwd=PROJECT_ROOT,
-        env={**os.environ, CHILD_DATABASE_URL: database_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(child.communicate(), 8 * HANG_GUARD_SECONDS)
-    crashed = f" (killed by signal {-child.returncode})" if (child.returncode or 0) < 0 else ""
-    assert child.returncode == 0, (
-        f"server process exited with {child.returncode}{crashed}\n"
-        f"{out.decode(errors='replace')[-3000:]}\n{err.decode(errors='replace')[-6000:]}"
-    )
+    await run_in_child("tests.test_events", database_url, hang_guard=8 * HANG_GUARD_SECONDS)
 
 
 # --- retention -------------------------------------------------------------------------------
@@ -758,7 +732,7 @@ async def test_purge_makes_older_positions_out_of_range(
         for lesson in ("l1", "l2", "l3"):
             await progress.StartLesson(ps.StartLessonRequest(**key(user, cid, lesson)))
         events = await next_events(call, 3)
-        purged = await EventStore(running_server.database).purge(0)
+        purged = await running_server.event_store.purge(0)
         assert purged >= 3 + 1  # at least these and the marker
 
         # A live watcher that had read everything goes on.
@@ -885,9 +859,6 @@ async def test_outline_change_that_completes_a_course_is_an_event(
     assert after.progress_percentage == 100
     assert after.HasField("completed_at")
 
-
-CHILD_DATABASE_URL = "LESSON_PROGRESS_TEST_CHILD_DATABASE_URL"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     asyncio.run(cancel_far_behind_watch(os.environ[CHILD_DATABASE_URL]))

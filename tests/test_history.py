@@ -15,6 +15,7 @@ from lessonprogress.v1 import catalog_service_pb2_grpc, progress_service_pb2_grp
 from lessonprogress.v1 import progress_service_pb2 as ps
 from tests.conftest import new_id
 from tests.errors import bad_fields, error_info
+from tests.support import key, micros
 
 Catalog = catalog_service_pb2_grpc.CatalogServiceStub
 Progress = progress_service_pb2_grpc.ProgressServiceStub
@@ -24,14 +25,6 @@ MAX_BOOKMARK_BYTES = 4096
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def key(user_id: str, course_id: str, lesson_id: str) -> dict[str, str]:
-    return {"user_id": user_id, "course_id": course_id, "lesson_id": lesson_id}
-
-
-def micros(timestamp: Any) -> int:
-    return int(timestamp.ToMicroseconds())
 
 
 async def attempt(

@@ -20,7 +20,6 @@ import pytest
 from lesson_progress import migrate
 from lesson_progress.config import Config
 from lesson_progress.migrate import MigrationError
-from tests import postgres
 
 MIGRATIONS_DIR = Config().migrations_dir
 
@@ -32,19 +31,6 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_text().encode()).hexdigest()
-
-
-@pytest.fixture
-async def fresh_url(postgres_url: str) -> AsyncIterator[str]:
-    """URL of a new, empty database, dropped after the test."""
-    name = postgres.fresh_database_name()
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield postgres.with_database(postgres_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +46,7 @@ from lessonprogress.v1 import (
 from tests import postgres
 from tests.conftest import new_id
 from tests.errors import error_info
+from tests.support import clean_env, free_port
 
 START_TIMEOUT = 60.0  # seconds until a child must answer health checks (hang guard)
 CALL_TIMEOUT = 30.0  # seconds before a call counts as hung
@@ -72,24 +71,6 @@ WATCH = PROGRESS + "WatchProgress"
 
 
 # --- child processes ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(**overrides: str) -> dict[str, str]:
-    """The test's environment without any service setting, plus ``overrides``."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key != "DATABASE_URL" and not key.startswith("LESSON_PROGRESS_")
-    }
-    env.update(overrides)
-    return env
 
 
 def run_cli(args: list[str], cwd: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:

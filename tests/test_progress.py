@@ -17,6 +17,7 @@ from lessonprogress.v1 import catalog_service_pb2_grpc, progress_service_pb2_grp
 from lessonprogress.v1 import progress_service_pb2 as ps
 from tests.conftest import new_id
 from tests.errors import bad_fields, error_info
+from tests.support import key, micros
 
 Catalog = catalog_service_pb2_grpc.CatalogServiceStub
 Progress = progress_service_pb2_grpc.ProgressServiceStub
@@ -30,19 +31,11 @@ MAX_HEARTBEAT = 300
 # --- helpers -------------------------------------------------------------------------------
 
 
-def key(user_id: str, course_id: str, lesson_id: str) -> dict[str, str]:
-    return {"user_id": user_id, "course_id": course_id, "lesson_id": lesson_id}
-
-
 def percent(done: int, total: int) -> int:
     """round(100 * done / total) with halves rounded up; 0 for an empty outline."""
     if total == 0:
         return 0
     return int((Decimal(100 * done) / Decimal(total)).quantize(Decimal(1), ROUND_HALF_UP))
-
-
-def micros(timestamp: Any) -> int:
-    return int(timestamp.ToMicroseconds())
 
 
 async def start(progress: Progress, user: str, course: str, lesson: str) -> LessonProgress:

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -86,10 +85,15 @@ async def _migrate(config: config_module.Config) -> None:
             embedded_db.stop()
 
 
-async def _health(args: argparse.Namespace, tls: dict[str, bytes | None] | None) -> int:
-    address = args.address or f"127.0.0.1:{os.environ.get('LESSON_PROGRESS_PORT') or 50051}"
-    if tls is not None:
-        channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(**tls))
+async def _health(args: argparse.Namespace, probe: config_module.ProbeConfig) -> int:
+    address = probe.address
+    if probe.tls_ca is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=probe.tls_ca.read_bytes(),
+            certificate_chain=probe.tls_cert.read_bytes() if probe.tls_cert else None,
+            private_key=probe.tls_key.read_bytes() if probe.tls_key else None,
+        )
+        channel = grpc.aio.secure_channel(address, credentials)
     else:
         channel = grpc.aio.insecure_channel(address)
     async with channel:
@@ -106,27 +110,11 @@ async def _health(args: argparse.Namespace, tls: dict[str, bytes | None] | None)
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _health_tls(args: argparse.Namespace) -> dict[str, bytes | None] | None:
-    """TLS material for the health probe, from flags or LESSON_PROGRESS_HEALTH_TLS_*."""
-    paths = {
-        name: getattr(args, f"tls_{name}") or os.environ.get(f"LESSON_PROGRESS_HEALTH_TLS_{env}")
-        for name, env in (("ca", "CA"), ("cert", "CERT"), ("key", "KEY"))
-    }
-    if not paths["ca"]:
-        return None
-    data = {name: Path(path).read_bytes() if path else None for name, path in paths.items()}
-    return {
-        "root_certificates": data["ca"],
-        "certificate_chain": data["cert"],
-        "private_key": data["key"],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lesson-progress`` command."""
     args = _parser().parse_args(argv)
     if args.command == "health":
-        return asyncio.run(_health(args, _health_tls(args)))
+        return asyncio.run(_health(args, config_module.load_probe(args)))
     if args.command == "hash-token":
         token = sys.stdin.readline().strip()
         if not token:
@@ -135,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(hash_token(token))
         return 0
     try:
-        config = config_module.load(args, os.environ)
+        config = config_module.load(args)
     except config_module.ConfigError as exc:
         print(f"lesson-progress: {exc}", file=sys.stderr)
         return 2

@@ -57,7 +57,6 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -65,6 +64,8 @@ import grpc
 from google.protobuf import message as protobuf_message
 from google.rpc import error_details_pb2, status_pb2
 
+from lesson_progress.errors import DOMAIN, FieldViolation
+from lesson_progress.values import Heartbeat
 from lessonprogress.v1 import (
     analytics_service_pb2,
     analytics_service_pb2_grpc,
@@ -100,9 +101,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The ``google.rpc.ErrorInfo`` domain of the service's errors.
-DOMAIN: Final = "lessonprogress.v1"
-
 #: Status codes that the client retries: every other code is raised at once.
 RETRYABLE_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
 
@@ -131,14 +129,6 @@ ItemT = TypeVar("ItemT")
 
 
 # --- errors ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class FieldViolation:
-    """One bad field named by a ``google.rpc.BadRequest``: ``requests[3].seconds``, why."""
-
-    field: str
-    description: str
 
 
 class ProgressError(Exception):
@@ -231,20 +221,6 @@ def _rich_status(error: grpc.aio.AioRpcError) -> Any:
 
 
 # --- requests --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """One entry of :meth:`ProgressClient.batch_record_time`.
-
-    ``request_id`` is the entry's idempotency key; when None the client generates one.
-    """
-
-    user_id: str
-    course_id: str
-    lesson_id: str
-    seconds: int
-    request_id: str | None = None
 
 
 def _request_id(given: str | None) -> str:

@@ -1,17 +1,27 @@
-"""Service configuration: one typed dataclass, built from flags and the environment.
+"""Service configuration: one typed dataclass whose fields each declare their setting once.
 
-A flag wins over its environment variable, which wins over the default. Every value is
-validated once, at start-up; ``ConfigError`` lists every bad value with what is expected.
+Each field of ``Config`` is declared with ``setting(...)``: its default, environment
+variable, flag, parser (with its bounds) and help text. From that one declaration come the
+command-line flags (``add_arguments``), the loading and checking (``load``), the error
+messages and the README's configuration table (``markdown_table``; a test keeps the README
+in step). A flag wins over its environment variable, which wins over the default. Every
+value is validated once, at start-up; ``ConfigError`` lists every bad value with what is
+expected.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from lesson_progress.auth import Caller, TokenFileError, load_callers
 
 ENV_PREFIX = "LESSON_PROGRESS_"
 DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -21,100 +31,9 @@ class ConfigError(Exception):
     """One or more configuration values are invalid; the message names each."""
 
 
-@dataclass(frozen=True)
-class Config:
-    """Settings of one server process."""
+# --- parsers: text to value, or ValueError saying what is expected ------------------------
 
-    database_url: str | None = None
-    """PostgreSQL URL (``DATABASE_URL``). Unset: an embedded PostgreSQL in ``data_dir``."""
-
-    host: str = "127.0.0.1"
-    """Address the gRPC server listens on (``LESSON_PROGRESS_HOST``)."""
-
-    port: int = 50051
-    """Port the gRPC server listens on, 0 for any free port (``LESSON_PROGRESS_PORT``)."""
-
-    pool_size: int = 10
-    """Maximum PostgreSQL connections of this process (``LESSON_PROGRESS_POOL_SIZE``)."""
-
-    max_heartbeat_seconds: int = 300
-    """Most seconds one RecordTime entry may add (``LESSON_PROGRESS_MAX_HEARTBEAT_SECONDS``)."""
-
-    request_id_retention_seconds: int = 24 * 3600
-    """How long request ids are remembered (``LESSON_PROGRESS_REQUEST_ID_RETENTION``)."""
-
-    event_retention_seconds: int = 24 * 3600
-    """How long progress events stay replayable (``LESSON_PROGRESS_EVENT_RETENTION``)."""
-
-    shutdown_grace_seconds: float = 10.0
-    """How long in-flight RPCs may run after SIGTERM (``LESSON_PROGRESS_SHUTDOWN_GRACE``)."""
-
-    migrate_on_start: bool = True
-    """Whether ``serve`` applies pending migrations first (``LESSON_PROGRESS_MIGRATE``)."""
-
-    data_dir: Path = field(default_factory=lambda: Path(".lesson-progress"))
-    """Where the embedded PostgreSQL keeps its data (``LESSON_PROGRESS_DATA_DIR``)."""
-
-    migrations_dir: Path = DEFAULT_MIGRATIONS_DIR
-    """Directory of the SQL migrations (``LESSON_PROGRESS_MIGRATIONS_DIR``)."""
-
-    log_level: str = "INFO"
-    """Python logging level name (``LESSON_PROGRESS_LOG_LEVEL``)."""
-
-    log_format: str = "json"
-    """``json`` (one object per line) or ``text`` (``LESSON_PROGRESS_LOG_FORMAT``)."""
-
-    access_log: bool = True
-    """Whether every RPC is logged (``LESSON_PROGRESS_ACCESS_LOG``)."""
-
-    metrics_port: int | None = 9464
-    """Port of the Prometheus /metrics endpoint; None disables it, 0 picks any
-    (``LESSON_PROGRESS_METRICS_PORT``, ``off`` to disable)."""
-
-    metrics_host: str | None = None
-    """Address of the metrics endpoint; defaults to ``host`` (``LESSON_PROGRESS_METRICS_HOST``)."""
-
-    tls_cert_file: Path | None = None
-    """PEM server certificate chain; with ``tls_key_file`` turns TLS on (``..._TLS_CERT``)."""
-
-    tls_key_file: Path | None = None
-    """PEM private key of the server certificate (``LESSON_PROGRESS_TLS_KEY``)."""
-
-    tls_client_ca_file: Path | None = None
-    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)
-    (``LESSON_PROGRESS_TLS_CLIENT_CA``)."""
-
-    auth_tokens_file: Path | None = None
-    """Callers' hashed bearer tokens and scopes (``LESSON_PROGRESS_AUTH_TOKENS_FILE``);
-    unset leaves the API open, which is only allowed on loopback or with ``insecure``."""
-
-    insecure: bool = False
-    """Allows listening beyond loopback without authentication (``LESSON_PROGRESS_INSECURE``)."""
-
-    max_message_bytes: int = 4 * 1024 * 1024
-    """Largest request or response message (``LESSON_PROGRESS_MAX_MESSAGE_BYTES``)."""
-
-    max_concurrent_rpcs: int = 1000
-    """RPCs handled at once; more get RESOURCE_EXHAUSTED (``..._MAX_CONCURRENT_RPCS``)."""
-
-    max_streams: int = 200
-    """Server streams open at once; more get RESOURCE_EXHAUSTED (``..._MAX_STREAMS``)."""
-
-    keepalive_seconds: int = 60
-    """Interval of the server's keepalive pings on idle connections (``..._KEEPALIVE``)."""
-
-    watch_poll_seconds: float = 5.0
-    """How often a watcher re-reads the outbox without a notification: the bound on the
-    delay while the LISTEN connection is being re-established (``..._WATCH_POLL``)."""
-
-    health_check_interval_seconds: float = 5.0
-    """How often health re-checks the database and migrations (``..._HEALTH_INTERVAL``)."""
-
-    @property
-    def tls(self) -> bool:
-        """Whether the server listens with TLS."""
-        return self.tls_cert_file is not None
-
+Parser = Callable[[str], Any]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\Z")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -128,6 +47,245 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
+def integer(low: int, high: int) -> Parser:
+    """A whole number within ``low..high``."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+        if not low <= number <= high:
+            raise ValueError(f"{number} is outside {low}..{high}")
+        return number
+
+    return parse
+
+
+def duration(low: float, *, whole: bool = False) -> Parser:
+    """A duration (``parse_duration``) of at least ``low`` seconds; ``whole``: in seconds."""
+
+    def parse(text: str) -> float:
+        seconds = parse_duration(text)
+        if seconds < low:
+            raise ValueError(f"must be at least {low}s")
+        return int(seconds) if whole else seconds
+
+    return parse
+
+
+def boolean(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case)."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def choice(*allowed: str, what: str) -> Parser:
+    """One of ``allowed``, compared in the case they are written in."""
+
+    def parse(text: str) -> str:
+        value = text.upper() if allowed[0].isupper() else text.lower()
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+
+    return parse
+
+
+def database_url(text: str) -> str:
+    """A PostgreSQL URL; never echoed in errors (it may carry a password)."""
+    if not text.startswith(("postgres://", "postgresql://")):
+        raise ValueError("must start with postgresql://")
+    return text
+
+
+def readable_file(text: str) -> Path:
+    """A path to an existing file."""
+    if not Path(text).is_file():
+        raise ValueError(f"{text} is not a readable file")
+    return Path(text)
+
+
+def port_or_off(text: str) -> int | None:
+    """A port, or ``off`` (None)."""
+    if text.lower() in ("off", "none", "disabled"):
+        return None
+    parse: Callable[[str], int] = integer(0, 65535)
+    return parse(text)
+
+
+# --- declaring a setting -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one configuration field is set: variable, flag, parser, help."""
+
+    env: str
+    flag: str
+    parse: Parser
+    help: str
+    shown_default: str
+    """The default as the README and --help show it."""
+
+    @property
+    def is_switch(self) -> bool:
+        """An on/off setting: ``--flag`` / ``--no-flag``."""
+        return self.parse is boolean
+
+    @property
+    def flags(self) -> str:
+        """The flag(s) as documentation shows them."""
+        return f"--{self.flag} / --no-{self.flag}" if self.is_switch else f"--{self.flag}"
+
+    def label(self) -> str:
+        """How errors name the setting."""
+        return f"{self.env} ({self.flags})"
+
+
+def setting(
+    default: Any,
+    env: str,
+    flag: str,
+    parse: Parser,
+    help: str,
+    *,
+    shown_default: str | None = None,
+) -> Any:
+    """A ``Config`` field with its setting (``env`` without the LESSON_PROGRESS_ prefix
+    unless it is DATABASE_URL)."""
+    if shown_default is None:
+        shown_default = str(default).lower() if isinstance(default, bool) else str(default)
+    declared = Setting(
+        env if env == "DATABASE_URL" else ENV_PREFIX + env, flag, parse, help, shown_default
+    )
+    return field(default=default, metadata={"setting": declared})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of one server process."""
+
+    database_url: str | None = setting(
+        None, "DATABASE_URL", "database-url", database_url,
+        "PostgreSQL URL; unset: embedded PostgreSQL in the data dir", shown_default="embedded",
+    )  # fmt: skip
+    data_dir: Path = setting(
+        Path(".lesson-progress"), "DATA_DIR", "data-dir", Path,
+        "where the embedded PostgreSQL keeps its data",
+    )  # fmt: skip
+    host: str = setting("127.0.0.1", "HOST", "host", str, "listen address")
+    port: int = setting(50051, "PORT", "port", integer(0, 65535), "gRPC port (0: any free port)")
+    pool_size: int = setting(
+        10, "POOL_SIZE", "pool-size", integer(1, 1000), "PostgreSQL connections per process"
+    )
+    max_heartbeat_seconds: int = setting(
+        300, "MAX_HEARTBEAT_SECONDS", "max-heartbeat-seconds", integer(1, 86400),
+        "most seconds one RecordTime entry adds",
+    )  # fmt: skip
+    request_id_retention_seconds: int = setting(
+        24 * 3600, "REQUEST_ID_RETENTION", "request-id-retention", duration(1, whole=True),
+        "how long request ids are remembered", shown_default="24h",
+    )  # fmt: skip
+    event_retention_seconds: int = setting(
+        24 * 3600, "EVENT_RETENTION", "event-retention", duration(1, whole=True),
+        "how long events stay replayable", shown_default="24h",
+    )  # fmt: skip
+    migrate_on_start: bool = setting(
+        True, "MIGRATE", "migrate", boolean, "apply pending migrations at start"
+    )
+    migrations_dir: Path = setting(
+        DEFAULT_MIGRATIONS_DIR, "MIGRATIONS_DIR", "migrations-dir", Path, "the SQL migrations",
+        shown_default="./migrations",
+    )  # fmt: skip
+    shutdown_grace_seconds: float = setting(
+        10.0, "SHUTDOWN_GRACE", "shutdown-grace", duration(0),
+        "time in-flight RPCs get after SIGTERM", shown_default="10s",
+    )  # fmt: skip
+    auth_tokens_file: Path | None = setting(
+        None, "AUTH_TOKENS_FILE", "auth-tokens-file", readable_file,
+        "callers' hashed tokens and scopes; unset: an open API (loopback or --insecure only)",
+        shown_default="none",
+    )  # fmt: skip
+    insecure: bool = setting(
+        False, "INSECURE", "insecure", boolean, "allow an open API beyond loopback"
+    )
+    tls_cert_file: Path | None = setting(
+        None, "TLS_CERT", "tls-cert", readable_file,
+        "PEM certificate chain; with the key: TLS on", shown_default="none",
+    )  # fmt: skip
+    tls_key_file: Path | None = setting(
+        None, "TLS_KEY", "tls-key", readable_file, "PEM private key of the certificate",
+        shown_default="none",
+    )  # fmt: skip
+    tls_client_ca_file: Path | None = setting(
+        None, "TLS_CLIENT_CA", "tls-client-ca", readable_file,
+        "require client certificates signed by this CA (mTLS)", shown_default="none",
+    )  # fmt: skip
+    metrics_port: int | None = setting(
+        9464, "METRICS_PORT", "metrics-port", port_or_off,
+        "Prometheus `/metrics` port; `off` disables",
+    )  # fmt: skip
+    metrics_host: str | None = setting(
+        None, "METRICS_HOST", "metrics-host", str, "Prometheus address",
+        shown_default="listen address",
+    )  # fmt: skip
+    max_message_bytes: int = setting(
+        4 * 1024 * 1024, "MAX_MESSAGE_BYTES", "max-message-bytes", integer(1024, 1024**3),
+        "largest request/response",
+    )  # fmt: skip
+    max_concurrent_rpcs: int = setting(
+        1000, "MAX_CONCURRENT_RPCS", "max-concurrent-rpcs", integer(1, 1_000_000),
+        "RPCs at once; more get `RESOURCE_EXHAUSTED`",
+    )  # fmt: skip
+    max_streams: int = setting(
+        200, "MAX_STREAMS", "max-streams", integer(1, 1_000_000),
+        "server streams at once; more get `RESOURCE_EXHAUSTED`",
+    )  # fmt: skip
+    keepalive_seconds: int = setting(
+        60, "KEEPALIVE", "keepalive", integer(1, 86400),
+        "seconds between keepalive pings on idle connections",
+    )  # fmt: skip
+    health_check_interval_seconds: float = setting(
+        5.0, "HEALTH_INTERVAL", "health-interval", duration(0.1),
+        "how often health re-checks the database", shown_default="5s",
+    )  # fmt: skip
+    watch_poll_seconds: float = setting(
+        5.0, "WATCH_POLL", "watch-poll", duration(0.01),
+        "how often a watcher re-reads events without a notification (bounds the delay while "
+        "the LISTEN connection reconnects)", shown_default="5s",
+    )  # fmt: skip
+    log_level: str = setting(
+        "INFO", "LOG_LEVEL", "log-level",
+        choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", what="a level"), "logging level",
+    )  # fmt: skip
+    log_format: str = setting(
+        "json", "LOG_FORMAT", "log-format", choice("json", "text", what="json/text"),
+        "`json` lines or `text`",
+    )  # fmt: skip
+    access_log: bool = setting(True, "ACCESS_LOG", "access-log", boolean, "one log line per RPC")
+
+    callers: tuple[Caller, ...] = field(default=(), repr=False)
+    """The callers of ``auth_tokens_file``, read once at start-up (not a setting)."""
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server listens with TLS."""
+        return self.tls_cert_file is not None
+
+
+def settings() -> list[tuple[str, Setting]]:
+    """Every declared setting with its Config field name, in declaration order."""
+    return [
+        (f.name, f.metadata["setting"])
+        for f in dataclasses.fields(Config)
+        if "setting" in f.metadata
+    ]
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine."""
     if host in ("localhost", "localhost6"):
@@ -139,245 +297,112 @@ def is_loopback(host: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the flags that override the environment to a command's parser."""
-    parser.add_argument("--database-url", help="PostgreSQL URL (env DATABASE_URL)")
-    parser.add_argument("--host", help="listen address (env LESSON_PROGRESS_HOST)")
-    parser.add_argument("--port", help="listen port, 0 for any (env LESSON_PROGRESS_PORT)")
-    parser.add_argument("--pool-size", help="database connections (env LESSON_PROGRESS_POOL_SIZE)")
-    parser.add_argument(
-        "--max-heartbeat-seconds",
-        help="most seconds one RecordTime may add (env LESSON_PROGRESS_MAX_HEARTBEAT_SECONDS)",
-    )
-    parser.add_argument(
-        "--request-id-retention",
-        help="how long request ids are remembered, e.g. 24h (env ..._REQUEST_ID_RETENTION)",
-    )
-    parser.add_argument(
-        "--event-retention",
-        help="how long progress events stay replayable, e.g. 24h (env ..._EVENT_RETENTION)",
-    )
-    parser.add_argument(
-        "--shutdown-grace", help="grace for in-flight RPCs, e.g. 10s (env ..._SHUTDOWN_GRACE)"
-    )
-    parser.add_argument(
-        "--no-migrate",
-        action="store_true",
-        default=None,
-        help="do not apply pending migrations at start (env LESSON_PROGRESS_MIGRATE=false)",
-    )
-    parser.add_argument("--data-dir", help="embedded PostgreSQL data (env ..._DATA_DIR)")
-    parser.add_argument("--migrations-dir", help="SQL migrations (env ..._MIGRATIONS_DIR)")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ... (env ..._LOG_LEVEL)")
-    parser.add_argument("--log-format", help="json or text (env ..._LOG_FORMAT)")
-    parser.add_argument("--metrics-port", help="Prometheus port, 'off' to disable (env ...)")
-    parser.add_argument("--metrics-host", help="Prometheus address (env ..._METRICS_HOST)")
-    parser.add_argument("--tls-cert", help="PEM certificate chain (env ..._TLS_CERT)")
-    parser.add_argument("--tls-key", help="PEM private key (env ..._TLS_KEY)")
-    parser.add_argument("--tls-client-ca", help="CA for client certificates (env ...)")
-    parser.add_argument("--auth-tokens-file", help="hashed tokens and scopes (env ...)")
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        default=None,
-        help="allow listening beyond loopback without authentication (env ..._INSECURE)",
-    )
-    parser.add_argument("--max-message-bytes", help="largest message (env ...)")
-    parser.add_argument("--max-concurrent-rpcs", help="RPCs at once (env ...)")
-    parser.add_argument("--max-streams", help="server streams at once (env ...)")
-
-
-def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
-    """Builds and validates the configuration from parsed flags and the environment."""
-    problems: list[str] = []
-
-    def raw(flag: str, env: str) -> str | None:
-        value = getattr(args, flag, None)
-        if value is None:
-            value = environ.get(env) or None
-        return value
-
-    def integer(flag: str, env: str, default: int, low: int, high: int) -> int:
-        value = raw(flag, env)
-        if value is None:
-            return default
-        try:
-            number = int(value)
-        except ValueError:
-            problems.append(f"{env} (--{flag.replace('_', '-')}): {value!r} is not an integer")
-            return default
-        if not low <= number <= high:
-            problems.append(
-                f"{env} (--{flag.replace('_', '-')}): {number} is outside {low}..{high}"
+    """Adds every setting's flag (which overrides the environment) to a command's parser."""
+    for name, declared in settings():
+        text = f"{declared.help} (env {declared.env}; default {declared.shown_default})"
+        if declared.is_switch:
+            parser.add_argument(
+                f"--{declared.flag}", dest=name, action=argparse.BooleanOptionalAction, help=text
             )
-        return number
+        else:
+            parser.add_argument(f"--{declared.flag}", dest=name, help=text)
 
-    def duration(flag: str, env: str, default: float, low: float) -> float:
-        value = raw(flag, env)
-        if value is None:
-            return default
+
+def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """Builds and validates the configuration from parsed flags and the environment
+    (``os.environ`` unless given)."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for name, declared in settings():
+        given = getattr(args, name, None)
+        if isinstance(given, bool):  # an on/off flag: already a value
+            values[name] = given
+            continue
+        text = given if given is not None else environ.get(declared.env) or None
+        if text is None:
+            continue
         try:
-            seconds = parse_duration(value)
+            values[name] = declared.parse(text)
         except ValueError as exc:
-            problems.append(f"{env} (--{flag.replace('_', '-')}): {exc}")
-            return default
-        if seconds < low:
-            problems.append(f"{env} (--{flag.replace('_', '-')}): must be at least {low}s")
-        return seconds
-
-    defaults = Config()
-    database_url = raw("database_url", "DATABASE_URL")
-    if database_url is not None and not database_url.startswith(("postgres://", "postgresql://")):
-        problems.append("DATABASE_URL (--database-url): must start with postgresql://")
-
-    def boolean(flag: str | None, env: str, default: bool) -> bool:
-        if flag is not None and getattr(args, flag, None):
-            return True
-        value = environ.get(env)
-        if value is None or value == "":
-            return default
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        problems.append(f"{env}: {value!r} is not true or false")
-        return default
-
-    migrate = not getattr(args, "no_migrate", None) and boolean(
-        None, ENV_PREFIX + "MIGRATE", defaults.migrate_on_start
-    )
-
-    log_level = (raw("log_level", ENV_PREFIX + "LOG_LEVEL") or defaults.log_level).upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        problems.append(f"{ENV_PREFIX}LOG_LEVEL (--log-level): {log_level!r} is not a level")
-
-    migrations_dir = Path(
-        raw("migrations_dir", ENV_PREFIX + "MIGRATIONS_DIR") or defaults.migrations_dir
-    )
-    if not migrations_dir.is_dir():
-        problems.append(
-            f"{ENV_PREFIX}MIGRATIONS_DIR (--migrations-dir): {migrations_dir} is not a directory"
-        )
-
-    def path(flag: str, env: str) -> Path | None:
-        value = raw(flag, env)
-        if value is None:
-            return None
-        if not Path(value).is_file():
-            problems.append(f"{env} (--{flag.replace('_', '-')}): {value} is not a readable file")
-        return Path(value)
-
-    log_format = (raw("log_format", ENV_PREFIX + "LOG_FORMAT") or defaults.log_format).lower()
-    if log_format not in ("json", "text"):
-        problems.append(f"{ENV_PREFIX}LOG_FORMAT (--log-format): {log_format!r} is not json/text")
-
-    metrics_port: int | None = defaults.metrics_port
-    metrics_raw = raw("metrics_port", ENV_PREFIX + "METRICS_PORT")
-    if metrics_raw is not None and metrics_raw.lower() in ("off", "none", "disabled"):
-        metrics_port = None
-    else:
-        metrics_port = integer("metrics_port", ENV_PREFIX + "METRICS_PORT", 9464, 0, 65535)
-
-    tls_cert = path("tls_cert", ENV_PREFIX + "TLS_CERT")
-    tls_key = path("tls_key", ENV_PREFIX + "TLS_KEY")
-    tls_client_ca = path("tls_client_ca", ENV_PREFIX + "TLS_CLIENT_CA")
-    if (tls_cert is None) != (tls_key is None):
-        problems.append(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY go together")
-    if tls_client_ca is not None and tls_cert is None:
-        problems.append(f"{ENV_PREFIX}TLS_CLIENT_CA (mutual TLS) needs TLS_CERT and TLS_KEY")
-
-    auth_tokens_file = path("auth_tokens_file", ENV_PREFIX + "AUTH_TOKENS_FILE")
-    if auth_tokens_file is not None and auth_tokens_file.is_file():
-        from lesson_progress.auth import TokenFileError, load_callers
-
+            problems.append(f"{declared.label()}: {exc}")
+    config = Config(**values)
+    problems.extend(_conflicts(config, serving=getattr(args, "command", "serve") == "serve"))
+    if config.auth_tokens_file is not None and config.auth_tokens_file.is_file():
         try:
-            load_callers(auth_tokens_file)
+            config = dataclasses.replace(
+                config, callers=tuple(load_callers(config.auth_tokens_file))
+            )
         except TokenFileError as exc:
             problems.append(f"{ENV_PREFIX}AUTH_TOKENS_FILE: {exc}")
-
-    host = raw("host", ENV_PREFIX + "HOST") or defaults.host
-    insecure = boolean("insecure", ENV_PREFIX + "INSECURE", defaults.insecure)
-    serving = getattr(args, "command", "serve") == "serve"
-    if serving and auth_tokens_file is None and not insecure and not is_loopback(host):
-        problems.append(
-            f"{ENV_PREFIX}HOST (--host): refusing to listen on {host} without authentication; "
-            f"configure {ENV_PREFIX}AUTH_TOKENS_FILE, or pass --insecure "
-            f"({ENV_PREFIX}INSECURE=true) to serve an open API on purpose"
-        )
-
-    config = Config(
-        database_url=database_url,
-        host=host,
-        port=integer("port", ENV_PREFIX + "PORT", defaults.port, 0, 65535),
-        pool_size=integer("pool_size", ENV_PREFIX + "POOL_SIZE", defaults.pool_size, 1, 1000),
-        max_heartbeat_seconds=integer(
-            "max_heartbeat_seconds",
-            ENV_PREFIX + "MAX_HEARTBEAT_SECONDS",
-            defaults.max_heartbeat_seconds,
-            1,
-            86400,
-        ),
-        request_id_retention_seconds=int(
-            duration(
-                "request_id_retention",
-                ENV_PREFIX + "REQUEST_ID_RETENTION",
-                defaults.request_id_retention_seconds,
-                1,
-            )
-        ),
-        event_retention_seconds=int(
-            duration(
-                "event_retention",
-                ENV_PREFIX + "EVENT_RETENTION",
-                defaults.event_retention_seconds,
-                1,
-            )
-        ),
-        shutdown_grace_seconds=duration(
-            "shutdown_grace", ENV_PREFIX + "SHUTDOWN_GRACE", defaults.shutdown_grace_seconds, 0
-        ),
-        migrate_on_start=migrate,
-        data_dir=Path(raw("data_dir", ENV_PREFIX + "DATA_DIR") or defaults.data_dir),
-        migrations_dir=migrations_dir,
-        log_level=log_level,
-        log_format=log_format,
-        access_log=boolean("access_log", ENV_PREFIX + "ACCESS_LOG", defaults.access_log),
-        metrics_port=metrics_port,
-        metrics_host=raw("metrics_host", ENV_PREFIX + "METRICS_HOST"),
-        tls_cert_file=tls_cert,
-        tls_key_file=tls_key,
-        tls_client_ca_file=tls_client_ca,
-        auth_tokens_file=auth_tokens_file,
-        insecure=insecure,
-        max_message_bytes=integer(
-            "max_message_bytes",
-            ENV_PREFIX + "MAX_MESSAGE_BYTES",
-            defaults.max_message_bytes,
-            1024,
-            1024**3,
-        ),
-        max_concurrent_rpcs=integer(
-            "max_concurrent_rpcs",
-            ENV_PREFIX + "MAX_CONCURRENT_RPCS",
-            defaults.max_concurrent_rpcs,
-            1,
-            1_000_000,
-        ),
-        max_streams=integer(
-            "max_streams", ENV_PREFIX + "MAX_STREAMS", defaults.max_streams, 1, 1_000_000
-        ),
-        keepalive_seconds=integer(
-            "keepalive", ENV_PREFIX + "KEEPALIVE", defaults.keepalive_seconds, 1, 86400
-        ),
-        watch_poll_seconds=duration(
-            "watch_poll", ENV_PREFIX + "WATCH_POLL", defaults.watch_poll_seconds, 0.01
-        ),
-        health_check_interval_seconds=duration(
-            "health_interval",
-            ENV_PREFIX + "HEALTH_INTERVAL",
-            defaults.health_check_interval_seconds,
-            0.1,
-        ),
-    )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return config
+
+
+def _conflicts(config: Config, *, serving: bool) -> list[str]:
+    """What is wrong with the settings together (each alone being valid)."""
+    problems = []
+    if not config.migrations_dir.is_dir():
+        problems.append(
+            f"{ENV_PREFIX}MIGRATIONS_DIR (--migrations-dir): {config.migrations_dir} is not a "
+            "directory"
+        )
+    if (config.tls_cert_file is None) != (config.tls_key_file is None):
+        problems.append(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY go together")
+    if config.tls_client_ca_file is not None and config.tls_cert_file is None:
+        problems.append(f"{ENV_PREFIX}TLS_CLIENT_CA (mutual TLS) needs TLS_CERT and TLS_KEY")
+    open_api = config.auth_tokens_file is None and not config.insecure
+    if serving and open_api and not is_loopback(config.host):
+        problems.append(
+            f"{ENV_PREFIX}HOST (--host): refusing to listen on {config.host} without "
+            f"authentication; configure {ENV_PREFIX}AUTH_TOKENS_FILE, or pass --insecure "
+            f"({ENV_PREFIX}INSECURE=true) to serve an open API on purpose"
+        )
+    return problems
+
+
+def markdown_table() -> str:
+    """The README's configuration table, from the declarations."""
+    lines = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for _, declared in settings():
+        flags = " / ".join(f"`{flag}`" for flag in declared.flags.split(" / "))
+        lines.append(
+            f"| `{declared.env}` | {flags} | `{declared.shown_default}` | {declared.help} |"
+        )
+    return "\n".join(lines)
+
+
+# --- the health probe ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Settings of ``lesson-progress health``."""
+
+    address: str
+    tls_ca: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
+
+
+def load_probe(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ProbeConfig:
+    """The health probe's target and TLS material: flags, else LESSON_PROGRESS_PORT and
+    LESSON_PROGRESS_HEALTH_TLS_*."""
+    environ = os.environ if environ is None else environ
+
+    def path(flag: str, env: str) -> Path | None:
+        value = getattr(args, flag) or environ.get(ENV_PREFIX + env)
+        return Path(value) if value else None
+
+    port = environ.get(ENV_PREFIX + "PORT") or Config().port
+    return ProbeConfig(
+        address=args.address or f"127.0.0.1:{port}",
+        tls_ca=path("tls_ca", "HEALTH_TLS_CA"),
+        tls_cert=path("tls_cert", "HEALTH_TLS_CERT"),
+        tls_key=path("tls_key", "HEALTH_TLS_KEY"),
+    )
+
+
+if __name__ == "__main__":
+    print(markdown_table())

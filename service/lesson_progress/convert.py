@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from lesson_progress.store.catalog import CourseRecord
 from lesson_progress.store.database import Record
+from lesson_progress.timestamps import set_timestamp, timestamp
 from lessonprogress.v1 import resources_pb2 as pb
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def timestamp(value: datetime | None) -> Timestamp | None:
-    """A protobuf Timestamp for an aware datetime, exact to the microsecond."""
-    if value is None:
-        return None
-    delta = value - _EPOCH
-    return Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
-
 
 _LESSON_TIMESTAMPS = (
     "first_started_at",
@@ -50,10 +36,7 @@ def lesson_progress(row: Record) -> pb.LessonProgress:
     for name in _LESSON_TIMESTAMPS:
         value = row[name]
         if value is not None:
-            delta = value - _EPOCH
-            field = getattr(message, name)
-            field.seconds = delta.days * 86400 + delta.seconds
-            field.nanos = delta.microseconds * 1000
+            set_timestamp(getattr(message, name), value)
     return message
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: The ``google.rpc.ErrorInfo`` domain of every error the service reports.
+DOMAIN = "lessonprogress.v1"
+
 
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
@@ -49,6 +52,36 @@ class InvalidArgument(ServiceError):
     def of(cls, field: str, description: str, *, reason: str | None = None) -> InvalidArgument:
         """An InvalidArgument for a single field."""
         return cls([FieldViolation(field, description)], reason=reason)
+
+    @classmethod
+    def request_id_reused(cls, uses: list[RequestIdUse]) -> InvalidArgument:
+        """Request ids that were first used for a different call (one text on every path)."""
+        return cls(
+            [FieldViolation(use.field, use.description) for use in uses],
+            reason="REQUEST_ID_REUSED",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIdUse:
+    """Where a request id was first used, for the request field that reuses it."""
+
+    field: str
+    method: str
+    course_id: str
+    lesson_id: str
+    within: str = ""
+    """The field of the same request that used it first, if any (``requests[1]``)."""
+
+    @property
+    def description(self) -> str:
+        """What is wrong with the field: the one text for a reused request id."""
+        where = f" in {self.within}" if self.within else ""
+        return (
+            f"was already used for a different call (first used for {self.method} on lesson "
+            f"{self.lesson_id!r} of course {self.course_id}{where}); use a new request id "
+            "for each call"
+        )
 
 
 class NotFound(ServiceError):

@@ -4,13 +4,14 @@ The overall status ("") and each service's status are SERVING only while the dat
 answers and no migration is pending; a background task re-checks every few seconds, so
 health goes NOT_SERVING while the database is unreachable and back by itself when it
 returns. The extra name "liveness" is SERVING as long as the process runs (for liveness
-probes, which must not restart a replica because its database is down). During shutdown
-everything is NOT_SERVING for good.
+probes, which must not restart a replica because its database is down). Once the
+process's shutdown has begun, everything is NOT_SERVING for good.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from grpc_health.v1 import health, health_pb2
 
 from lesson_progress.migrate import MigrationError, pending_migrations
+from lesson_progress.shutdown import Shutdown
 from lesson_progress.store import Database
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class HealthReporter:
         database: Database,
         migrations_dir: Path,
         services: Iterable[str],
+        shutdown: Shutdown,
         *,
         interval: float,
         timeout: float = 2.0,
@@ -43,6 +46,7 @@ class HealthReporter:
         self.database = database
         self.migrations_dir = migrations_dir
         self.services = ["", *services]
+        self.shutdown = shutdown
         self.interval = interval
         self.timeout = timeout
         self.serving: bool | None = None
@@ -50,7 +54,7 @@ class HealthReporter:
     async def check(self) -> str | None:
         """Why the service cannot serve right now, or None if it can."""
         try:
-            async with asyncio.timeout(self.timeout), self.database.pool.acquire() as conn:
+            async with asyncio.timeout(self.timeout), self.database.acquire() as conn:
                 pending = await pending_migrations(conn, self.migrations_dir)
         except MigrationError as exc:
             return f"migrations disagree with the database: {exc}"
@@ -66,7 +70,10 @@ class HealthReporter:
         await self.update()
 
     async def update(self) -> None:
-        """Checks once and publishes the result."""
+        """Checks once and publishes the result (NOT_SERVING for good once shutting down)."""
+        if self.shutdown.started:
+            await self.servicer.enter_graceful_shutdown()
+            return
         problem = await self.check()
         serving = problem is None
         if serving != self.serving:
@@ -79,11 +86,10 @@ class HealthReporter:
             await self.servicer.set(service, SERVING if serving else NOT_SERVING)
 
     async def run(self) -> None:
-        """Re-checks forever (cancel to stop)."""
-        while True:
+        """Re-checks every interval until shutdown begins (cancel to stop earlier)."""
+        while not self.shutdown.started:
             await self.update()
-            await asyncio.sleep(self.interval)
-
-    async def shut_down(self) -> None:
-        """Reports NOT_SERVING for good (the first step of a graceful shutdown)."""
-        await self.servicer.enter_graceful_shutdown()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self.shutdown.wait()
+        await self.update()

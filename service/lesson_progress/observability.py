@@ -6,14 +6,15 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from lesson_progress.store.database import PoolStats
 
 access_log = logging.getLogger("lesson_progress.access")
 
@@ -25,30 +26,28 @@ _LATENCY_BUCKETS = (
 class _PoolCollector(Collector):
     """Reads the pool's size and connections in use at scrape time."""
 
-    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
-        self.pool = pool
+    def __init__(self, pool_stats: Callable[[], PoolStats]) -> None:
+        self.pool_stats = pool_stats
 
     def collect(self) -> Iterator[Metric]:
-        size = self.pool.get_size()
+        stats = self.pool_stats()
         yield GaugeMetricFamily(
-            "lesson_progress_db_pool_size", "Open PostgreSQL connections", value=size
+            "lesson_progress_db_pool_size", "Open PostgreSQL connections", value=stats.size
         )
         yield GaugeMetricFamily(
-            "lesson_progress_db_pool_in_use",
-            "PostgreSQL connections in use",
-            value=size - self.pool.get_idle_size(),
+            "lesson_progress_db_pool_in_use", "PostgreSQL connections in use", value=stats.in_use
         )
         yield GaugeMetricFamily(
             "lesson_progress_db_pool_max_size",
             "Most PostgreSQL connections the pool opens",
-            value=self.pool.get_max_size(),
+            value=stats.max_size,
         )
 
 
 class Metrics:
     """The service's metrics, in a registry of their own (one per server)."""
 
-    def __init__(self, pool: asyncpg.Pool[Any] | None = None) -> None:
+    def __init__(self, pool_stats: Callable[[], PoolStats] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lesson_progress_rpc_requests",
@@ -75,8 +74,8 @@ class Metrics:
             ["method"],
             registry=self.registry,
         )
-        if pool is not None:
-            self.registry.register(_PoolCollector(pool))
+        if pool_stats is not None:
+            self.registry.register(_PoolCollector(pool_stats))
         self._http: Any = None
 
     def for_method(self, method: str) -> MethodMetrics:

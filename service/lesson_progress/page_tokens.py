@@ -13,13 +13,11 @@ import hashlib
 import hmac
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lesson_progress.validation import Validator
 
 _MAC_BYTES = 16
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class PageTokens:
@@ -57,14 +55,3 @@ class PageTokens:
         if not check.violations and issued_query != list(query):
             check.fail("page_token", "was issued for a different query; repeat that query")
         return list(position)
-
-
-def encode_time(value: datetime) -> int:
-    """Microseconds since the epoch, exactly."""
-    delta = value - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def decode_time(micros: int) -> datetime:
-    """The inverse of ``encode_time``."""
-    return _EPOCH + timedelta(microseconds=micros)

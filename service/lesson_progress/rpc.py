@@ -14,6 +14,7 @@ Handlers are built from the service descriptor instead of the generated
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +27,8 @@ from google.rpc import status_pb2
 
 from lesson_progress import errors, status
 from lesson_progress.auth import Authenticator
-from lesson_progress.observability import Metrics, log_rpc
+from lesson_progress.observability import MethodMetrics, Metrics, log_rpc
+from lesson_progress.shutdown import Shutdown
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +56,6 @@ def _deserializer(cls: type[message.Message]) -> Callable[[bytes], object]:
     return deserialize
 
 
-def _check_parsed(request: object, method: str) -> None:
-    if isinstance(request, _MalformedRequest):
-        raise errors.InvalidArgument.of(
-            "request",
-            f"is not a valid {method} request message ({request.error})",
-            reason="MALFORMED_REQUEST",
-        )
-
-
 @dataclass
 class RpcPolicy:
     """What every RPC goes through, besides its handler."""
@@ -76,31 +69,44 @@ class RpcPolicy:
     max_streams: int = 0
     """Most server streams open at once (0: no limit); more get RESOURCE_EXHAUSTED."""
 
-    open_streams: int = field(default=0, init=False)
+    shutdown: Shutdown = field(default_factory=Shutdown)
+    """Once shutdown has begun, calls that reach a handler get UNAVAILABLE."""
 
-    refusing: bool = field(default=False, init=False)
-    """Set at shutdown: calls that reach a handler from then on get UNAVAILABLE."""
+    open_streams: int = field(default=0, init=False)
 
     last_arrival: float = field(default=0.0, init=False)
     """time.monotonic() of the latest call to reach a handler."""
 
-    def admit(self) -> None:
-        """Notes a call's arrival; refuses it (UNAVAILABLE, nothing done) at shutdown."""
+    def admit(self, method: str, request: object, context: Context, *, stream: bool) -> None:
+        """Lets a call through to its handler, or raises what it gets instead: UNAVAILABLE
+        at shutdown (nothing done), then the token and scope check, then a malformed
+        request, then (streams) the open-stream limit."""
         self.last_arrival = time.monotonic()
-        if self.refusing:
+        if self.shutdown.started:
             raise errors.Unavailable(
                 "the server is shutting down; retry the call (on another replica)",
                 reason="SHUTTING_DOWN",
             )
+        if self.authenticator is not None:
+            self.authenticator.authorize(method, context.invocation_metadata() or ())
+        if isinstance(request, _MalformedRequest):
+            raise errors.InvalidArgument.of(
+                "request",
+                f"is not a valid {method} request message ({request.error})",
+                reason="MALFORMED_REQUEST",
+            )
+        if stream and self.max_streams and self.open_streams >= self.max_streams:
+            raise errors.ResourceExhausted(
+                f"the server has {self.max_streams} streams open; retry later"
+            )
 
-    async def refuse_new_calls(self, *, quiet: float = 0.1, at_most: float = 2.0) -> None:
-        """Refuses new calls until none has arrived for ``quiet`` seconds.
+    async def wait_for_quiet(self, *, quiet: float = 0.1, at_most: float = 2.0) -> None:
+        """Once shutdown has begun, waits until no call has arrived for ``quiet`` seconds.
 
         gRPC cancels the calls it has received but not yet handed to a handler when the
         server stops, so at shutdown the server keeps taking calls for a moment and
         answers each with UNAVAILABLE, which callers retry safely, instead of CANCELLED.
         """
-        self.refusing = True
         step = quiet / 2
         for _ in range(int(at_most / step)):
             if time.monotonic() - self.last_arrival >= quiet:
@@ -124,33 +130,59 @@ def _request_id(request: object) -> str:
     return value if isinstance(value, str) else ""
 
 
+@contextlib.asynccontextmanager
+async def _call(
+    method: str,
+    policy: RpcPolicy,
+    metrics: MethodMetrics | None,
+    request: object,
+    context: Context,
+    *,
+    stream: bool,
+) -> AsyncIterator[None]:
+    """Around one call's handler: admission, then (on the way out) the status an error
+    becomes, the metrics and the access-log line. Unary calls count as in flight, streams
+    as open streams."""
+    started = time.perf_counter()
+    # Read now: grpcio 1.85 crashes (SIGSEGV) on context.peer() once a call that was
+    # waiting to send has been cancelled.
+    peer = context.peer()
+    code = "OK"
+    gauge = None
+    opened = False
+    try:
+        policy.admit(method, request, context, stream=stream)
+        if stream:
+            policy.open_streams += 1
+            opened = True
+        if metrics is not None:
+            gauge = metrics.open_streams if stream else metrics.in_flight
+            gauge.inc()
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        code = "CANCELLED"
+        raise
+    except Exception as exc:
+        rich = _status_of(method, exc)
+        code = _CODE_NAMES[rich.code]
+        await status.abort(context, rich)
+    finally:
+        if opened:
+            policy.open_streams -= 1
+        if gauge is not None:
+            gauge.dec()
+        if metrics is not None:
+            metrics.finished(code, time.perf_counter() - started)
+        log_rpc(method, code, started, peer, _request_id(request))
+
+
 def _wrap_unary(method: str, impl: UnaryHandler, policy: RpcPolicy) -> UnaryHandler:
     metrics = policy.metrics.for_method(method) if policy.metrics else None
 
     async def handle(request: Any, context: Context) -> Any:
-        started = time.perf_counter()
-        peer = context.peer()
-        code = "OK"
-        if metrics is not None:
-            metrics.in_flight.inc()
-        try:
-            policy.admit()
-            if policy.authenticator is not None:
-                policy.authenticator.authorize(method, context.invocation_metadata() or ())
-            _check_parsed(request, method)
+        async with _call(method, policy, metrics, request, context, stream=False):
             return await impl(request, context)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            rich = _status_of(method, exc)
-            code = _CODE_NAMES[rich.code]
-            await status.abort(context, rich)
-        finally:
-            if metrics is not None:
-                metrics.in_flight.dec()
-                metrics.finished(code, time.perf_counter() - started)
-            log_rpc(method, code, started, peer, _request_id(request))
+        raise AssertionError("unreachable: an error aborts the call")
 
     return handle
 
@@ -159,42 +191,9 @@ def _wrap_stream(method: str, impl: StreamHandler, policy: RpcPolicy) -> StreamH
     metrics = policy.metrics.for_method(method) if policy.metrics else None
 
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
-        started = time.perf_counter()
-        # Read now: grpcio 1.85 crashes (SIGSEGV) on context.peer() once a call that was
-        # waiting to send has been cancelled.
-        peer = context.peer()
-        code = "OK"
-        counted = False
-        try:
-            policy.admit()
-            if policy.authenticator is not None:
-                policy.authenticator.authorize(method, context.invocation_metadata() or ())
-            _check_parsed(request, method)
-            if policy.max_streams and policy.open_streams >= policy.max_streams:
-                raise errors.ResourceExhausted(
-                    f"the server has {policy.max_streams} streams open; retry later"
-                )
-            policy.open_streams += 1
-            counted = True
-            if metrics is not None:
-                metrics.open_streams.inc()
+        async with _call(method, policy, metrics, request, context, stream=True):
             async for response in impl(request, context):
                 yield response
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            rich = _status_of(method, exc)
-            code = _CODE_NAMES[rich.code]
-            await status.abort(context, rich)
-        finally:
-            if counted:
-                policy.open_streams -= 1
-                if metrics is not None:
-                    metrics.open_streams.dec()
-            if metrics is not None:
-                metrics.finished(code, time.perf_counter() - started)
-            log_rpc(method, code, started, peer, "")
 
     return handle
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
@@ -21,9 +22,11 @@ from lesson_progress.observability import Metrics
 from lesson_progress.page_tokens import PageTokens
 from lesson_progress.rpc import RpcPolicy
 from lesson_progress.servicers import AnalyticsServicer, CatalogServicer, ProgressServicer
+from lesson_progress.shutdown import Shutdown
 from lesson_progress.store import CatalogStore, Database, ProgressStore
 from lesson_progress.store.analytics import AnalyticsStore
 from lesson_progress.store.events import EventListener, EventNotifier, EventStore
+from lesson_progress.store.heartbeats import HeartbeatStore
 from lessonprogress.v1 import analytics_service_pb2, catalog_service_pb2, progress_service_pb2
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,10 @@ class StartupError(Exception):
     """The server cannot start (a port in use, a database that cannot be reached)."""
 
 
+# The key that signs page tokens, shared by every replica (created by migration 0001).
+PAGE_TOKEN_KEY = "SELECT value FROM service_secrets WHERE name = 'page_token_key'"
+
+
 @dataclass
 class RunningServer:
     """A started server; ``stop()`` shuts it down gracefully."""
@@ -64,32 +71,23 @@ class RunningServer:
     database: Database
     port: int
     listener: EventListener
+    event_store: EventStore
     health: HealthReporter
     policy: RpcPolicy
     metrics: Metrics
     metrics_port: int | None
-    shutting_down: asyncio.Event
-    embedded_db: embedded.EmbeddedPostgres | None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    shutdown: Shutdown
+    resources: contextlib.AsyncExitStack
 
     async def stop(self, grace: float | None) -> None:
         """Graceful shutdown: health goes NOT_SERVING, watch streams end with UNAVAILABLE,
         new RPCs are refused with UNAVAILABLE, in-flight RPCs get ``grace`` seconds, then
-        the pool and everything else close."""
-        await self.health.shut_down()
-        self.shutting_down.set()
-        await self.policy.refuse_new_calls()
+        the pool and everything else close (in the reverse order of their start)."""
+        self.shutdown.begin()
+        await self.health.update()
+        await self.policy.wait_for_quiet()
         await self.server.stop(grace)
-        await self.listener.stop()
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.database.close()
-        self.metrics.close()
-        if self.embedded_db is not None:
-            self.embedded_db.stop()
+        await self.resources.aclose()
 
 
 def _server_credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -121,58 +119,68 @@ def _server_options(config: Config) -> list[tuple[str, int]]:
 
 
 async def start(config: Config) -> RunningServer:
-    """Starts serving with ``config``: migrates if asked, then listens."""
+    """Starts serving with ``config``: migrates if asked, then listens. Whatever was
+    started is stopped again if a later step fails."""
+    async with contextlib.AsyncExitStack() as resources:
+        return await _start(config, resources)
+
+
+async def _start(config: Config, resources: contextlib.AsyncExitStack) -> RunningServer:
     url, embedded_db = resolve_database_url(config)
+    if embedded_db is not None:
+        resources.callback(embedded_db.stop)
     if config.migrate_on_start:
         applied = await run_migrations(url, config)
         log.info("migrations applied: %s", ", ".join(applied) or "none pending")
     database = await Database.connect(url, pool_size=config.pool_size)
+    resources.push_async_callback(database.close)
     try:
-        key = await database.pool.fetchval(
-            "SELECT value FROM service_secrets WHERE name = 'page_token_key'"
-        )
+        key = await database.run(lambda connection: connection.fetchval(PAGE_TOKEN_KEY))
     except asyncpg.UndefinedTableError:
-        await database.close()
-        if embedded_db is not None:
-            embedded_db.stop()
         raise StartupError(
             "the database has no lesson-progress schema yet: run `lesson-progress migrate` "
             "or start without --no-migrate"
         ) from None
-    notifier = EventNotifier(database)
-    progress_store = ProgressStore(database, notifier)
-    event_store = EventStore(database)
+    metrics = Metrics(database.stats)
+    resources.callback(metrics.close)
     listener = EventListener(url)
     listener.start()
-    shutting_down = asyncio.Event()
+    resources.push_async_callback(listener.stop)
 
-    metrics = Metrics(database.pool)
+    shutdown = Shutdown()
+    notifier = EventNotifier(database)
+    event_store = EventStore(database, listener, shutdown, poll_seconds=config.watch_poll_seconds)
     authenticator = None
     if config.auth_tokens_file is not None:
-        authenticator = Authenticator(load_callers(config.auth_tokens_file))
+        # load() read the file already; a Config built in code may leave that to here.
+        authenticator = Authenticator(config.callers or load_callers(config.auth_tokens_file))
     elif not is_loopback(config.host):
         log.warning(
             "INSECURE: serving an unauthenticated API on %s (--insecure); anyone who can "
             "reach this port can read and erase learners' progress",
             config.host,
         )
-    policy = RpcPolicy(authenticator=authenticator, metrics=metrics, max_streams=config.max_streams)
+    policy = RpcPolicy(
+        authenticator=authenticator,
+        metrics=metrics,
+        max_streams=config.max_streams,
+        shutdown=shutdown,
+    )
 
     server = grpc.aio.server(
         options=_server_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs
     )
     catalog, progress, analytics = SERVICES
     rpc.add_servicer(server, CatalogServicer(CatalogStore(database, notifier)), catalog, policy)
+    progress_store = ProgressStore(database, notifier)
     rpc.add_servicer(
         server,
         ProgressServicer(
             progress_store,
+            HeartbeatStore(database),
             event_store,
-            listener,
             PageTokens(bytes(key)),
             max_heartbeat_seconds=config.max_heartbeat_seconds,
-            shutting_down=shutting_down,
-            watch_poll_seconds=config.watch_poll_seconds,
         ),
         progress,
         policy,
@@ -183,6 +191,7 @@ async def start(config: Config) -> RunningServer:
         database,
         config.migrations_dir,
         [service.full_name for service in SERVICES],
+        shutdown,
         interval=config.health_check_interval_seconds,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
@@ -196,15 +205,7 @@ async def start(config: Config) -> RunningServer:
     )
     await health.start()
 
-    try:
-        port, metrics_port = await _listen(server, metrics, config)
-    except BaseException:
-        metrics.close()
-        await listener.stop()
-        await database.close()
-        if embedded_db is not None:
-            embedded_db.stop()
-        raise
+    port, metrics_port = await _listen(server, metrics, config)
     log.info(
         "serving lessonprogress.v1 on %s:%d (%s, %s); metrics %s",
         config.host,
@@ -213,38 +214,39 @@ async def start(config: Config) -> RunningServer:
         "token auth" if authenticator else "no auth",
         f"on port {metrics_port}" if metrics_port is not None else "off",
     )
-    running = RunningServer(
-        server,
-        database,
-        port,
-        listener,
-        health,
-        policy,
-        metrics,
-        metrics_port,
-        shutting_down,
-        embedded_db,
+    _background(resources, health.run())
+    _background(
+        resources,
+        _every(
+            "forget request ids",
+            lambda: progress_store.purge_request_ids(config.request_id_retention_seconds),
+            config.request_id_retention_seconds,
+        ),
     )
-    running.tasks.append(asyncio.create_task(health.run()))
-    running.tasks.append(
-        asyncio.create_task(
-            _every(
-                "forget request ids",
-                lambda: progress_store.purge_request_ids(config.request_id_retention_seconds),
-                config.request_id_retention_seconds,
-            )
-        )
+    _background(
+        resources,
+        _every(
+            "purge progress events",
+            lambda: event_store.purge(config.event_retention_seconds),
+            config.event_retention_seconds,
+        ),
     )
-    running.tasks.append(
-        asyncio.create_task(
-            _every(
-                "purge progress events",
-                lambda: event_store.purge(config.event_retention_seconds),
-                config.event_retention_seconds,
-            )
-        )
-    )
-    return running
+    return RunningServer(
+        server, database, port, listener, event_store, health, policy, metrics, metrics_port,
+        shutdown, resources.pop_all(),
+    )  # fmt: skip
+
+
+def _background(resources: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:
+    """Runs ``work`` as a task that is cancelled (and awaited) when ``resources`` close."""
+    task = asyncio.create_task(work)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    resources.push_async_callback(cancel)
 
 
 async def _listen(

@@ -13,8 +13,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from lesson_progress import errors
-
-DOMAIN = "lessonprogress.v1"
+from lesson_progress.errors import DOMAIN
 
 _CODES: dict[type[errors.ServiceError], int] = {
     errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,

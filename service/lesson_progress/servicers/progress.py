@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
 from lesson_progress import convert, errors
-from lesson_progress.page_tokens import PageTokens, decode_time, encode_time
+from lesson_progress.page_tokens import PageTokens
 from lesson_progress.store import ProgressStore
 from lesson_progress.store.database import Record
-from lesson_progress.store.events import EventListener, EventStore
-from lesson_progress.store.progress import Heartbeat, PageCursor
+from lesson_progress.store.events import EventStore
+from lesson_progress.store.heartbeats import HeartbeatStore
+from lesson_progress.store.progress import PageCursor
+from lesson_progress.timestamps import from_micros, to_micros
 from lesson_progress.validation import Validator
+from lesson_progress.values import Heartbeat
 from lessonprogress.v1 import progress_service_pb2 as pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -24,8 +25,6 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_BATCH = 1000
 MAX_BOOKMARK_BYTES = 4096
-# Events read from the outbox per query by one watcher: its bounded window.
-WATCH_BATCH = 256
 
 
 def _lesson_key(request: Any, check: Validator) -> tuple[str, str, str]:
@@ -49,21 +48,17 @@ class ProgressServicer:
     def __init__(
         self,
         store: ProgressStore,
+        heartbeats: HeartbeatStore,
         events: EventStore,
-        listener: EventListener,
         tokens: PageTokens,
         *,
         max_heartbeat_seconds: int,
-        shutting_down: asyncio.Event | None = None,
-        watch_poll_seconds: float = 5.0,
     ) -> None:
         self.store = store
+        self.heartbeats = heartbeats
         self.events = events
-        self.listener = listener
         self.tokens = tokens
         self.max_heartbeat_seconds = max_heartbeat_seconds
-        self.watch_poll_seconds = watch_poll_seconds
-        self.shutting_down = shutting_down or asyncio.Event()
 
     def _heartbeat(self, request: pb.RecordTimeRequest, check: Validator) -> Heartbeat:
         user_id, course_id, lesson_id = _lesson_key(request, check)
@@ -88,7 +83,7 @@ class ProgressServicer:
         check = Validator()
         beat = self._heartbeat(request, check)
         check.done()
-        row = await self.store.record_time(beat)
+        row = await self.heartbeats.record_time(beat)
         return pb.RecordTimeResponse(lesson=convert.lesson_progress(row))
 
     async def BatchRecordTime(
@@ -105,7 +100,7 @@ class ProgressServicer:
         ]
         _check_batch_request_ids(beats, check)
         check.done()
-        rows = await self.store.batch_record_time(beats)
+        rows = await self.heartbeats.batch_record_time(beats)
         return pb.BatchRecordTimeResponse(lessons=[convert.lesson_progress(r) for r in rows])
 
     async def RecordAttempt(
@@ -159,7 +154,7 @@ class ProgressServicer:
         query = ("ListLessonProgress", user_id, course_id, request.completed_only)
         position = self.tokens.parse(request.page_token, query, check)
         check.done()
-        after = PageCursor(decode_time(position[0]), position[1]) if position else None
+        after = PageCursor(from_micros(position[0]), position[1]) if position else None
         rows = await self.store.list_lesson_progress(
             user_id,
             course_id,
@@ -171,7 +166,7 @@ class ProgressServicer:
             rows,
             page_size,
             query,
-            lambda last: (encode_time(last["first_started_at"]), last["lesson_id"]),
+            lambda last: (to_micros(last["first_started_at"]), last["lesson_id"]),
         )
         return pb.ListLessonProgressResponse(
             lessons=[convert.lesson_progress(r) for r in rows], next_page_token=next_token
@@ -245,30 +240,8 @@ class ProgressServicer:
         if request.after_event_id < 0:
             check.fail("after_event_id", f"must not be negative (got {request.after_event_id})")
         check.done()
-        # Subscribe before reading the start position, so no commit falls in between.
-        wake = self.listener.subscribe(course_id)
-        try:
-            position = await self.events.start_position(course_id, request.after_event_id)
-            while True:
-                wake.clear()
-                rows = await self.events.events_after(course_id, position, WATCH_BATCH)
-                for row in rows:
-                    position = row["event_id"]
-                    if user_id is None or str(row["user_id"]) == user_id:
-                        yield pb.WatchProgressResponse(event=convert.progress_event(row))
-                if len(rows) == WATCH_BATCH:
-                    continue
-                # A notification wakes us; the timeout only covers a lost LISTEN connection.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.watch_poll_seconds):
-                        await _first(wake.wait(), self.shutting_down.wait())
-                if self.shutting_down.is_set():
-                    raise errors.Unavailable(
-                        f"the server is shutting down; watch again with after_event_id={position}",
-                        reason="SHUTTING_DOWN",
-                    )
-        finally:
-            self.listener.unsubscribe(course_id, wake)
+        async for row in self.events.watch(course_id, user_id, request.after_event_id):
+            yield pb.WatchProgressResponse(event=convert.progress_event(row))
 
     async def DeleteUserProgress(
         self, request: pb.DeleteUserProgressRequest, context: Context
@@ -279,16 +252,6 @@ class ProgressServicer:
         check.done()
         deleted = await self.store.delete_user_progress(user_id)
         return pb.DeleteUserProgressResponse(deleted_lessons=deleted)
-
-
-async def _first(*waits: Coroutine[Any, Any, object]) -> None:
-    """Waits until the first of ``waits`` finishes, then cancels the others."""
-    tasks = [asyncio.ensure_future(wait) for wait in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def _page_size(value: int, check: Validator) -> int:
@@ -310,7 +273,8 @@ def _check_batch_request_ids(beats: list[Heartbeat], check: Validator) -> None:
             continue
         other_index, other = first[key]
         if (other.course_id, other.lesson_id) != (beat.course_id, beat.lesson_id):
-            check.fail(
-                f"requests[{index}].request_id",
-                f"is also used by requests[{other_index}] for a different lesson",
+            field = f"requests[{index}].request_id"
+            use = errors.RequestIdUse(
+                field, "RecordTime", other.course_id, other.lesson_id, f"requests[{other_index}]"
             )
+            check.fail(field, use.description)

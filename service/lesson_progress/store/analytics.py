@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from lesson_progress import errors
+from lesson_progress.store.checks import ensure_course
 from lesson_progress.store.database import Database, Record
 from lesson_progress.store.progress import LEARNER_AGGREGATES
 
@@ -104,8 +104,6 @@ LEFT JOIN course_progress cp ON cp.user_id = l.user_id AND cp.course_id = $1::uu
 ORDER BY l.user_id
 """
 
-COURSE_EXISTS = "SELECT EXISTS (SELECT FROM courses WHERE course_id = $1::uuid)"
-
 
 class AnalyticsStore:
     """Streams the per-course reports."""
@@ -118,8 +116,7 @@ class AnalyticsStore:
     ) -> AsyncIterator[Record]:
         """Rows of ``query`` for a registered course, one snapshot, ``prefetch`` at a time."""
         async with self.database.read_snapshot() as connection:
-            if not await connection.fetchval(COURSE_EXISTS, course_id):
-                raise errors.NotFound.course(course_id)
+            await ensure_course(connection, course_id)
             async for row in connection.cursor(query, course_id, *args, prefetch=prefetch):
                 yield row
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lesson_progress import errors
 from lesson_progress.store.database import Connection, Database, Record
-from lesson_progress.store.events import EVENT_LOCK_NAMESPACE, EventKind, EventNotifier
+from lesson_progress.store.events import EventKind, EventNotifier, outbox_ctes
 
 UPSERT_COURSE = """
 INSERT INTO courses AS c (course_id, title) VALUES ($1::uuid, $2::text)
@@ -31,6 +31,8 @@ SET position = EXCLUDED.position, title = EXCLUDED.title, assessed = EXCLUDED.as
     passing_score = EXCLUDED.passing_score
 """
 
+_COURSE_COMPLETED = f"VALUES ({EventKind.COURSE_COMPLETED})"
+
 # A learner whose completed lessons now cover the whole (non-empty) outline has finished
 # the course, e.g. after a lesson they had not done was removed; watchers hear about it.
 COMPLETE_COVERED_COURSES = f"""
@@ -45,16 +47,7 @@ WITH covered AS (
       )
     RETURNING cp.user_id, cp.course_id
 ),
-course_lock AS MATERIALIZED (
-    SELECT pg_advisory_xact_lock({EVENT_LOCK_NAMESPACE}, hashtext($1::uuid::text))
-    WHERE EXISTS (SELECT FROM covered)
-),
-events AS (
-    INSERT INTO progress_events (course_id, user_id, kind)
-    SELECT course_id, user_id, {EventKind.COURSE_COMPLETED} FROM covered
-    WHERE EXISTS (SELECT FROM course_lock)
-    ORDER BY user_id
-)
+{outbox_ctes("covered", _COURSE_COMPLETED, snapshot=False)}
 SELECT count(*) FROM covered
 """
 

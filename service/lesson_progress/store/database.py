@@ -1,7 +1,10 @@
 """The connection pool, and the translation of PostgreSQL errors into domain errors.
 
-Every store call runs through ``Database.run``: it retries serialization failures and
-deadlocks a few times (then ABORTED) and reports an unreachable database as UNAVAILABLE.
+``Database`` owns the pool and everything about it: its size, its figures for metrics and
+every way of taking a connection (``run``, ``read_snapshot``, ``acquire``). Nothing outside
+this module touches the asyncpg pool. Every store call runs through ``Database.run``: it
+retries serialization failures and deadlocks a few times (then ABORTED) and reports an
+unreachable database as UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
 import asyncpg
@@ -42,11 +46,37 @@ _UNAVAILABLE = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """The pool's connections at one moment."""
+
+    size: int
+    """Connections open."""
+    in_use: int
+    """Connections lent out."""
+    max_size: int
+    """Most connections the pool opens."""
+
+
 class Database:
     """An asyncpg pool plus the one policy for running work on it."""
 
     def __init__(self, pool: asyncpg.Pool[Record]) -> None:
-        self.pool = pool
+        self._pool = pool
+
+    @property
+    def max_size(self) -> int:
+        """Most connections the pool opens."""
+        return self._pool.get_max_size()
+
+    def stats(self) -> PoolStats:
+        """The pool's connections now (for metrics)."""
+        size = self._pool.get_size()
+        return PoolStats(size, size - self._pool.get_idle_size(), self._pool.get_max_size())
+
+    def acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        """A pooled connection for work outside ``run`` (errors are not translated)."""
+        return self._pool.acquire()
 
     @classmethod
     async def connect(cls, url: str, *, pool_size: int) -> Database:
@@ -65,13 +95,13 @@ class Database:
 
     async def close(self) -> None:
         """Closes every connection, waiting for those in use to be released."""
-        await self.pool.close()
+        await self._pool.close()
 
     async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Runs ``work`` on a pooled connection, retrying it after a lost race."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                async with self.pool.acquire() as connection:
+                async with self._pool.acquire() as connection:
                     return await work(connection)
             except _RETRYABLE as exc:
                 if attempt == MAX_ATTEMPTS:
@@ -107,7 +137,7 @@ class Database:
         """
         try:
             async with (
-                self.pool.acquire() as connection,
+                self._pool.acquire() as connection,
                 connection.transaction(isolation="repeatable_read", readonly=True),
             ):
                 yield connection

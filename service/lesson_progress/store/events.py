@@ -1,7 +1,8 @@
-"""The progress event outbox: reading events back, purging them, and hearing about them.
+"""The progress event outbox: writing events, reading them back (``EventStore.watch``),
+purging them, and hearing about them.
 
-Writers append events in the same statement as the change (see ``progress.py``); once it
-has committed, the writing process ``pg_notify``s the course id (``EventNotifier``). Each
+Writers append events in the same statement as the change (``outbox_ctes``); once it has
+committed, the writing process ``pg_notify``s the course id (``EventNotifier``). Each
 server process keeps one dedicated connection LISTENing on that channel
 (``EventListener``); a notification only wakes the watchers of that course, which then
 read what they have not seen from the table. So a watcher that reads slowly holds no queue
@@ -16,10 +17,13 @@ import contextlib
 import enum
 import logging
 from collections import defaultdict
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import asyncpg
 
 from lesson_progress import errors
+from lesson_progress.shutdown import Shutdown
 from lesson_progress.store.database import Connection, Database, Record
 
 log = logging.getLogger(__name__)
@@ -27,11 +31,14 @@ log = logging.getLogger(__name__)
 EVENT_CHANNEL = "lesson_progress_events"
 # First key of the two-key advisory lock that orders a course's events (see migration 0002).
 EVENT_LOCK_NAMESPACE = 0x4C50  # "LP"
-EVENT_COLUMNS = """
-    course_id, user_id, kind, lesson_id, completed, time_spent_seconds, attempts, score,
-    first_started_at, last_accessed_at, completed_at, created_at, updated_at, bookmark,
-    bookmarked_at
-"""
+# Events read from the outbox per query by one watcher: its bounded window.
+WATCH_BATCH = 256
+# The lesson row as the event carries it (a snapshot after the change).
+_SNAPSHOT = (
+    "lesson_id", "completed", "time_spent_seconds", "attempts", "score", "first_started_at",
+    "last_accessed_at", "completed_at", "created_at", "updated_at", "bookmark", "bookmarked_at",
+)  # fmt: skip
+EVENT_COLUMNS = ", ".join(("course_id", "user_id", "kind", *_SNAPSHOT))
 
 
 class EventKind(enum.IntEnum):
@@ -42,6 +49,32 @@ class EventKind(enum.IntEnum):
     COMPLETED = 3
     COURSE_COMPLETED = 4
     BOOKMARKED = 5
+
+
+def outbox_ctes(source: str, kinds: str, *, snapshot: bool = True) -> str:
+    """CTEs that append one event per row of the CTE ``source`` and per kind yielded by the
+    SQL ``kinds`` (the caller then tells the EventNotifier). ``source`` has ``course_id``
+    and ``user_id`` columns, and with ``snapshot`` the lesson row's columns too.
+
+    The per-course advisory lock is taken before event ids are drawn and held until commit,
+    so that a course's events become visible in id order (see migration 0002).
+    """
+    columns = EVENT_COLUMNS if snapshot else "course_id, user_id, kind"
+    values = "s.course_id, s.user_id, k.kind" + "".join(
+        f", s.{column}" for column in (_SNAPSHOT if snapshot else ())
+    )
+    return f"""
+course_lock AS MATERIALIZED (
+    SELECT pg_advisory_xact_lock({EVENT_LOCK_NAMESPACE}, hashtext(course_id::text))
+    FROM (SELECT DISTINCT course_id FROM {source}) AS locked
+),
+events AS (
+    INSERT INTO progress_events ({columns})
+    SELECT {values}
+    FROM {source} s CROSS JOIN ({kinds}) AS k(kind)
+    WHERE EXISTS (SELECT FROM course_lock)
+    ORDER BY s.user_id, k.kind
+)"""
 
 
 # The position a new watch starts from: everything committed so far counts as seen.
@@ -105,8 +138,50 @@ def _purged(course_id: str, position: int) -> errors.OutOfRange:
 class EventStore:
     """Reads the event outbox."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(
+        self,
+        database: Database,
+        listener: EventListener,
+        shutdown: Shutdown,
+        *,
+        poll_seconds: float = 5.0,
+        batch: int = WATCH_BATCH,
+    ) -> None:
         self.database = database
+        self.listener = listener
+        self.shutdown = shutdown
+        self.poll_seconds = poll_seconds
+        self.batch = batch
+
+    async def watch(
+        self, course_id: str, user_id: str | None, after_event_id: int
+    ) -> AsyncIterator[Record]:
+        """The course's events after ``after_event_id`` (0: committed after the call), of
+        one learner or of all; runs until cancelled, or until shutdown (UNAVAILABLE)."""
+        # Subscribe before reading the start position, so no commit falls in between.
+        wake = self.listener.subscribe(course_id)
+        try:
+            position = await self.start_position(course_id, after_event_id)
+            while True:
+                wake.clear()
+                rows = await self.events_after(course_id, position, self.batch)
+                for row in rows:
+                    position = row["event_id"]
+                    if user_id is None or str(row["user_id"]) == user_id:
+                        yield row
+                if len(rows) == self.batch:
+                    continue
+                # A notification wakes us; the timeout only covers a lost LISTEN connection.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_seconds):
+                        await _first(wake.wait(), self.shutdown.wait())
+                if self.shutdown.started:
+                    raise errors.Unavailable(
+                        f"the server is shutting down; watch again with after_event_id={position}",
+                        reason="SHUTTING_DOWN",
+                    )
+        finally:
+            self.listener.unsubscribe(course_id, wake)
 
     async def start_position(self, course_id: str, after_event_id: int) -> int:
         """Where a watch starts: ``after_event_id`` if still replayable, else the head."""
@@ -141,6 +216,16 @@ class EventStore:
     async def purge(self, older_than_seconds: float, *, batch: int = 10_000) -> int:
         """Removes events older than the retention window; returns how many."""
         return await self.database.delete_in_slices(PURGE_EVENTS, older_than_seconds, batch=batch)
+
+
+async def _first(*waits: Coroutine[Any, Any, object]) -> None:
+    """Waits until the first of ``waits`` finishes, then cancels the others."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 NOTIFY_COURSES = f"""
