@@ -3,8 +3,9 @@
 The charts are plotly figures; plotly.js is inlined once in the page, so the file opens
 offline with no CDN. Every string that came from the service (course title, lesson ids and
 titles) is HTML-escaped before it reaches the page or a chart: plotly.js renders chart text
-as a subset of HTML and decodes the entities back for display. The figures themselves are
-embedded as JSON in ``<script type="application/json" id="report-data">``.
+as a subset of HTML and decodes ``&lt;``, ``&gt;`` and ``&amp;`` back for display (but not
+``&quot;``, so chart text leaves quotes alone: without ``<`` no tag can form). The figures
+themselves are embedded as JSON in ``<script type="application/json" id="report-data">``.
 
 Importing this module needs the ``report`` extra (plotly).
 """
@@ -78,8 +79,8 @@ def render_html(report: CourseReport) -> str:
                 "Difficult lessons",
                 "Lessons with at least "
                 + (f"{report.min_completions}" if report.min_completions else "10 (default)")
-                + " completions, hardest first (mean attempts, then mean time, of the "
-                "learners who completed them).",
+                + " completions, most attempts first (figures over the learners who "
+                "completed them).",
                 _difficult_table(report),
             ),
             _section("Every lesson", "", _lessons_table(report.lessons)),
@@ -217,12 +218,17 @@ def _lessons_table(lessons: list[LessonFigures]) -> str:
 def label(position: int, lesson_id: str) -> str:
     """A lesson's axis label: its position (which keeps labels unique) and its escaped id."""
     text = lesson_id if len(lesson_id) <= LABEL_CHARS else lesson_id[: LABEL_CHARS - 1] + "…"
-    return html.escape(f"{position}. {text}")
+    return chart_text(f"{position}. {text}")
+
+
+def chart_text(text: str) -> str:
+    """``text`` escaped for plotly's HTML subset, which shows it as it was."""
+    return html.escape(text, quote=False)
 
 
 def _hover_name(lesson: LessonFigures) -> str:
     name = lesson.lesson_id + (f" · {lesson.title}" if lesson.title else "")
-    return html.escape(name)
+    return chart_text(name)
 
 
 def _chart_height(rows: int) -> int:
@@ -277,6 +283,7 @@ def _time_chart(lessons: list[LessonFigures]) -> Any:
         barmode="group",
         height=420,
         yaxis_title="minutes",
+        yaxis_rangemode="tozero",
         legend={"orientation": "h", "y": 1.08},
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
     )
