@@ -14,6 +14,7 @@ import json
 import random
 import socket
 import sys
+import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from html.parser import HTMLParser
@@ -23,8 +24,10 @@ from typing import Any
 import pytest
 
 from lesson_progress import server
+from lesson_progress.auth import hash_token
 from lessonprogress.v1 import catalog_service_pb2 as cs
 from lessonprogress.v1 import resources_pb2
+from tests import certs
 from tests.conftest import new_id
 from tests.test_analytics import (
     Analytics,
@@ -42,6 +45,7 @@ from tests.test_analytics import (
     stats_as_dict,
 )
 from tests.test_cli import clean_env
+from tests.test_security import serving
 
 COMMAND_TIMEOUT = 120.0  # seconds; only a guard against a hung command
 MIN_COMPLETIONS = 3
@@ -79,7 +83,9 @@ class Report:
     stdout: str
 
 
-async def run_report(*args: str, cwd: Path, python_prelude: str = "") -> tuple[int, str, str]:
+async def run_report(
+    *args: str, cwd: Path, python_prelude: str = "", env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     """Runs ``lesson-progress report *args`` as a child process; (exit code, stdout, stderr).
 
     The child runs without blocking the event loop, which also serves the test server.
@@ -93,7 +99,7 @@ async def run_report(*args: str, cwd: Path, python_prelude: str = "") -> tuple[i
         code,
         "report",
         *args,
-        env=clean_env(),
+        env=clean_env(**(env or {})),
         cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -333,6 +339,46 @@ async def test_report_is_self_contained(report: Report):
     assert page.count("<script") - page.count('type="application/json"') >= 4
     assert page.count("Plotly.newPlot(") == 3
     assert len(page) > 1_000_000, "the charting library is in the file"
+
+
+async def test_report_over_mutual_tls_with_a_token(
+    report: Report, database_url: str, tmp_path: Path
+):
+    # The same course through a server that wants a client certificate and a bearer token.
+    pki = certs.make_pki(tmp_path / "pki")
+    reader, writer = f"reader-{uuid.uuid4().hex}", f"writer-{uuid.uuid4().hex}"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(
+        f"reader {hash_token(reader)} progress:read,analytics:read\n"
+        f"writer {hash_token(writer)} progress:write\n"
+    )
+    (tmp_path / "reader.token").write_text(reader + "\n")
+    tls = ["--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert)]
+    tls += ["--tls-key", str(pki.client.key)]
+    async with serving(
+        database_url,
+        tls_cert_file=pki.server.cert,
+        tls_key_file=pki.server.key,
+        tls_client_ca_file=pki.ca.cert,
+        auth_tokens_file=tokens,
+    ) as address:
+        course = [report.model.course_id, "--address", address]
+        course += ["--min-completions", str(MIN_COMPLETIONS), *tls]
+        code, _, stderr = await run_report(
+            *course, "--token-file", "reader.token", "--out", "tls.html", cwd=tmp_path
+        )
+        assert code == 0, stderr
+        got = data_block((tmp_path / "tls.html").read_text(encoding="utf-8"))
+        got.pop("generated_at")
+        assert got == {k: v for k, v in report.data.items() if k != "generated_at"}
+
+        code, _, stderr = await run_report(
+            *course, cwd=tmp_path, env={"LESSON_PROGRESS_REPORT_TOKEN": writer}
+        )
+        assert code == 1
+        assert f"the server at {address} refused the call" in stderr
+        assert "PERMISSION_DENIED" in stderr
+        assert "Traceback" not in stderr
 
 
 # --- failures --------------------------------------------------------------------------------
