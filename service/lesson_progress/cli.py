@@ -24,6 +24,7 @@ from lesson_progress.auth import hash_token
 from lesson_progress.errors import Unavailable
 from lesson_progress.migrate import MigrationError
 from lesson_progress.observability import configure_logging
+from lesson_progress.report import command as report_command
 
 log = logging.getLogger("lesson_progress")
 
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "hash-token", help="read a bearer token on standard input and print its configured form"
     )
+    report_command.add_parser(commands)
     return parser
 
 
@@ -113,6 +115,8 @@ async def _health(args: argparse.Namespace, probe: config_module.ProbeConfig) ->
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lesson-progress`` command."""
     args = _parser().parse_args(argv)
+    if args.command == "report":
+        return report_command.run(args)
     if args.command == "health":
         return asyncio.run(_health(args, config_module.load_probe(args)))
     if args.command == "hash-token":
