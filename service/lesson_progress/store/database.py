@@ -29,6 +29,8 @@ Record = asyncpg.Record
 Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Record]"
 
 MAX_ATTEMPTS = 5
+# How the service's connections name themselves in pg_stat_activity (pool and LISTEN alike).
+APPLICATION_NAME = "lesson-progress"
 
 # Errors after which the same transaction, run again, may well succeed.
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
@@ -43,6 +45,10 @@ _UNAVAILABLE = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.ReadOnlySQLTransactionError,
+    # What asyncpg raises when PostgreSQL closed a pooled connection under a statement
+    # ("cannot switch to state 12; another operation (2) is in progress"): the statement
+    # was not sent, so the call is safe to retry.
+    asyncpg.InternalClientError,
 )
 
 
@@ -86,7 +92,7 @@ class Database:
                 url,
                 min_size=min(2, pool_size),
                 max_size=pool_size,
-                server_settings={"application_name": "lesson-progress"},
+                server_settings={"application_name": APPLICATION_NAME},
                 reset=_keep_session,
             )
         except _UNAVAILABLE as exc:

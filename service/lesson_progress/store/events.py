@@ -24,7 +24,7 @@ import asyncpg
 
 from lesson_progress import errors
 from lesson_progress.shutdown import Shutdown
-from lesson_progress.store.database import Connection, Database, Record
+from lesson_progress.store.database import APPLICATION_NAME, Connection, Database, Record
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,9 @@ class EventListener:
             lost = asyncio.Event()
             connection: asyncpg.Connection[Record] | None = None
             try:
-                connection = await asyncpg.connect(self.url)
+                connection = await asyncpg.connect(
+                    self.url, server_settings={"application_name": APPLICATION_NAME}
+                )
                 connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
                 await connection.add_listener(EVENT_CHANNEL, self._notified)
                 self.connected.set()
