@@ -273,13 +273,10 @@ def test_migrate_refuses_bad_configuration(tmp_path: Path) -> None:
 async def fresh_url(postgres_url: str) -> AsyncIterator[str]:
     """URL of a new, empty database, dropped after the test."""
     name = postgres.fresh_database_name()
-    admin = await asyncpg.connect(postgres_url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield postgres.with_database(postgres_url, name)
+        yield await postgres.create_database(postgres_url, name)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await postgres.drop_database(postgres_url, name)
 
 
 async def test_migrate_command_applies_then_has_nothing_pending(

@@ -38,13 +38,10 @@ def sha256_of(path: Path) -> str:
 async def fresh_url(postgres_url: str) -> AsyncIterator[str]:
     """URL of a new, empty database, dropped after the test."""
     name = postgres.fresh_database_name()
-    admin = await asyncpg.connect(postgres_url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield postgres.with_database(postgres_url, name)
+        yield await postgres.create_database(postgres_url, name)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await postgres.drop_database(postgres_url, name)
 
 
 @pytest.fixture
