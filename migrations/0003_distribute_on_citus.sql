@@ -7,19 +7,9 @@
 -- (reference tables). docs/citus.md gives the reasons and the trade-offs.
 --
 -- Part 1 runs on both engines, so that the schema is the same whichever runs it:
---
--- * processed_requests is keyed by (user_id, request_id, course_id): a request id is
---   remembered per learner and course. On one PostgreSQL the key used to be (user_id,
---   request_id); the service still finds a reused id by (user_id, request_id) through the
---   key's prefix, but two concurrent first uses of one id in two courses can now both be
---   applied (see docs/citus.md, "Request-id scope").
--- * progress_events is keyed by (course_id, event_id). event_id still comes from the one
---   identity sequence, so it stays unique; the key also serves WatchProgress (the events
---   of a course after an id), which progress_events_course_idx served before.
-ALTER TABLE processed_requests
-    DROP CONSTRAINT processed_requests_pkey,
-    ADD PRIMARY KEY (user_id, request_id, course_id);
-
+-- progress_events is keyed by (course_id, event_id). event_id still comes from the one
+-- identity sequence, so it stays unique; the key also serves WatchProgress (the events of
+-- a course after an id), which progress_events_course_idx served before.
 ALTER TABLE progress_events
     DROP CONSTRAINT progress_events_pkey,
     ADD PRIMARY KEY (course_id, event_id);
@@ -28,6 +18,11 @@ DROP INDEX progress_events_course_idx;
 -- Part 2 runs only where the citus extension is installed; on one PostgreSQL it does
 -- nothing.
 --
+-- * processed_requests is keyed by (user_id, request_id, course_id) instead of (user_id,
+--   request_id): Citus cannot enforce a unique key without the distribution column. This
+--   is the one difference between the engines' schemas, and it narrows the request-id
+--   scope on Citus from "per learner" to "per learner and course" (docs/citus.md,
+--   "Request-id scope"). One PostgreSQL keeps its key, and with it the wider scope.
 -- * The set_updated_at triggers stay: each only sets NEW.updated_at on the row it fires
 --   for, which is as safe on a shard as on a table; Citus accepts them on its tables only
 --   with citus.enable_unsafe_triggers, set here for this transaction.
@@ -49,6 +44,9 @@ BEGIN
     ALTER TABLE lesson_attempts
         DROP CONSTRAINT lesson_attempts_user_id_course_id_lesson_id_fkey;
     ALTER TABLE progress_events DROP CONSTRAINT progress_events_course_id_fkey;
+    ALTER TABLE processed_requests
+        DROP CONSTRAINT processed_requests_pkey,
+        ADD PRIMARY KEY (user_id, request_id, course_id);
 
     PERFORM create_reference_table('courses');
     PERFORM create_reference_table('lessons');
