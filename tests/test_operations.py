@@ -276,22 +276,11 @@ async def upsert_course(channel: grpc.aio.Channel, lessons: int = 2, **kwargs: A
 
 async def fresh_database(postgres_url: str) -> str:
     """Creates an empty database on the session's server; returns its URL."""
-    name = postgres.fresh_database_name()
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return postgres.with_database(postgres_url, name)
+    return await postgres.create_database(postgres_url, postgres.fresh_database_name())
 
 
 async def drop_database(postgres_url: str, url: str) -> None:
-    name = url.rsplit("/", 1)[1].split("?", 1)[0]
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await postgres.drop_database(postgres_url, url.rsplit("/", 1)[1].split("?", 1)[0])
 
 
 async def migrate_url(url: str, directory: Path) -> list[str]:
