@@ -134,5 +134,19 @@ class Unavailable(ServiceError):
     reason = "DATABASE_UNAVAILABLE"
 
 
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed before the database finished the call. For a write the
+    outcome is unknown: retry it with the same request id, which counts it at most once."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
+class LockTimeout(DeadlineExceeded):
+    """A statement waited longer than it may for a row lock held by another transaction;
+    it was rolled back (nothing of it applied)."""
+
+    reason = "LOCK_TIMEOUT"
+
+
 def _describe(violation: FieldViolation) -> str:
     return f"{violation.field} {violation.description}"

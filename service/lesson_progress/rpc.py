@@ -29,6 +29,7 @@ from lesson_progress import errors, status
 from lesson_progress.auth import Authenticator
 from lesson_progress.observability import MethodMetrics, Metrics, log_rpc
 from lesson_progress.shutdown import Shutdown
+from lesson_progress.store.database import call_deadline
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,10 @@ async def _call(
     gauge = None
     opened = False
     try:
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # The store bounds its database work by it (statement_timeout, no late commit).
+            call_deadline.set(asyncio.get_running_loop().time() + remaining)
         policy.admit(method, request, context, stream=stream)
         if stream:
             policy.open_streams += 1

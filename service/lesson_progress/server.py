@@ -194,6 +194,7 @@ async def _start(config: Config, resources: contextlib.AsyncExitStack) -> Runnin
         shutdown,
         interval=config.health_check_interval_seconds,
     )
+    resources.push_async_callback(health.close)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         [

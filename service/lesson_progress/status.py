@@ -24,6 +24,8 @@ _CODES: dict[type[errors.ServiceError], int] = {
     errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
     errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
     errors.ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: code_pb2.DEADLINE_EXCEEDED,
+    errors.LockTimeout: code_pb2.DEADLINE_EXCEEDED,
 }
 
 

@@ -15,11 +15,6 @@ from lesson_progress.store.database import Record
 from lesson_progress.store.heartbeats import HeartbeatWriter
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 8 of issue 9: a queued batch of one that fails in write_one is written "
-    "again, alone, by the fallback path",
-)
 async def test_a_failing_heartbeat_is_written_once() -> None:
     written: Counter[str] = Counter()
     first_may_finish = asyncio.Event()

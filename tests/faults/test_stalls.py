@@ -113,11 +113,6 @@ async def test_stalled_database_calls_end_at_their_deadline_and_health_follows(
     child.assert_running()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 4 of issue 9: heartbeats queued while the database stalls are written "
-    "after it resumes although their callers already got DEADLINE_EXCEEDED",
-)
 async def test_no_write_of_an_ended_call_is_applied_after_the_database_resumes(
     serve: ServeFactory, cluster: Cluster, database: str
 ) -> None:
@@ -147,11 +142,6 @@ async def test_no_write_of_an_ended_call_is_applied_after_the_database_resumes(
     assert await stored_seconds(database, users) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 9 of issue 9: health learns of a database outage only at its next "
-    "periodic check, not from the first failed database call",
-)
 async def test_health_follows_the_first_failed_and_succeeding_database_call(
     serve: ServeFactory, cluster: Cluster
 ) -> None:
@@ -177,11 +167,6 @@ async def test_health_follows_the_first_failed_and_succeeding_database_call(
         assert await health(child) == SERVING
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 6 of issue 9: with PostgreSQL stalled, SIGTERM waits without bound for "
-    "the pool's connections to close",
-)
 async def test_shutdown_while_the_database_is_stalled_exits_within_the_grace(
     serve: ServeFactory, cluster: Cluster
 ) -> None:
@@ -211,11 +196,6 @@ async def test_shutdown_while_the_database_is_stalled_exits_within_the_grace(
     assert code == 0, f"exit code {code} (None: still running):\n{child.log_tail()}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 3 of issue 9: merged heartbeat statements wait together on one locked "
-    "row and hold every heartbeat slot, so heartbeats on other rows time out",
-)
 async def test_one_locked_row_does_not_stall_heartbeats_on_other_rows(
     serve: ServeFactory, database: str
 ) -> None:

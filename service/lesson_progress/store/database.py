@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
@@ -29,6 +30,25 @@ Record = asyncpg.Record
 Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Record]"
 
 MAX_ATTEMPTS = 5
+# Longest wait for a pooled connection (bounded further by the caller's deadline): a pool
+# held by stuck work answers UNAVAILABLE instead of queueing callers for ever.
+ACQUIRE_TIMEOUT = 5.0
+# How long closing a connection may take before it is terminated (a stalled database
+# never answers the goodbye).
+CLOSE_TIMEOUT = 1.0
+
+# When the current call's caller stops waiting (``loop.time()``), None for never: set per
+# call by rpc.py from the gRPC deadline, read by ``Database.run`` (the heartbeat writer sets
+# it for the statements it runs on behalf of several callers).
+call_deadline: ContextVar[float | None] = ContextVar("call_deadline", default=None)
+
+
+def remaining_seconds() -> float | None:
+    """Seconds left before the current call's deadline (None: no deadline)."""
+    deadline = call_deadline.get()
+    return None if deadline is None else deadline - asyncio.get_running_loop().time()
+
+
 # How the service's connections name themselves in pg_stat_activity (pool and LISTEN alike).
 APPLICATION_NAME = "lesson-progress"
 
@@ -67,8 +87,30 @@ class PoolStats:
 class Database:
     """An asyncpg pool plus the one policy for running work on it."""
 
-    def __init__(self, pool: asyncpg.Pool[Record]) -> None:
+    def __init__(self, pool: asyncpg.Pool[Record], url: str = "") -> None:
         self._pool = pool
+        self._url = url
+        self.reachable = True
+        """Whether the latest database call reached the database."""
+        self._reachability: list[Callable[[bool, str], None]] = []
+
+    def on_reachability(self, listener: Callable[[bool, str], None]) -> None:
+        """Calls ``listener(reachable, why)`` whenever a call's outcome flips
+        ``reachable``: the first call that finds the database gone, the first that
+        reaches it again."""
+        self._reachability.append(listener)
+
+    def _reached(self, reachable: bool, why: str = "") -> None:
+        if reachable != self.reachable:
+            self.reachable = reachable
+            for listener in self._reachability:
+                listener(reachable, why)
+
+    async def connect_dedicated(self, *, within: float) -> asyncpg.Connection[Record]:
+        """A connection of its own, outside the pool (for health checks)."""
+        return await asyncpg.connect(
+            self._url, timeout=within, server_settings={"application_name": APPLICATION_NAME}
+        )
 
     @property
     def max_size(self) -> int:
@@ -81,8 +123,9 @@ class Database:
         return PoolStats(size, size - self._pool.get_idle_size(), self._pool.get_max_size())
 
     def acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
-        """A pooled connection for work outside ``run`` (errors are not translated)."""
-        return self._pool.acquire()
+        """A pooled connection for work outside ``run`` (errors are not translated); waits
+        for one at most ACQUIRE_TIMEOUT (or the caller's deadline): then TimeoutError."""
+        return self._pool.acquire(timeout=_acquire_timeout())
 
     @classmethod
     async def connect(cls, url: str, *, pool_size: int) -> Database:
@@ -97,18 +140,47 @@ class Database:
             )
         except _UNAVAILABLE as exc:
             raise errors.Unavailable(f"cannot connect to the database: {exc}") from None
-        return cls(pool)
+        return cls(pool, url)
 
-    async def close(self) -> None:
-        """Closes every connection, waiting for those in use to be released."""
-        await self._pool.close()
+    async def close(self, within: float = CLOSE_TIMEOUT) -> None:
+        """Closes every connection, waiting at most ``within`` seconds for those in use to
+        be released and for the database to answer; then terminates what is left."""
+        try:
+            await asyncio.wait_for(self._pool.close(), within)
+        except (TimeoutError, *_UNAVAILABLE):
+            log.warning("the database did not close its connections in %.0fs; cut off", within)
+            self._pool.terminate()
 
-    async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
-        """Runs ``work`` on a pooled connection, retrying it after a lost race."""
+    async def run(
+        self, work: Callable[[Connection], Awaitable[T]], *, lock_timeout: float | None = None
+    ) -> T:
+        """Runs ``work`` on a pooled connection, retrying it after a lost race.
+
+        With a caller's deadline (``call_deadline``), ``work`` runs in a transaction whose
+        ``statement_timeout`` and ``lock_timeout`` are the time left, and which is rolled
+        back instead of committed once the deadline has passed: PostgreSQL aborts the work
+        of a caller that has gone, and applies nothing of it (only a COMMIT already on its
+        way when the caller gave up may still take effect). ``lock_timeout`` (seconds)
+        bounds row-lock waits further: past it, errors.LockTimeout (nothing applied).
+        """
+        try:
+            result = await self._run(work, lock_timeout)
+        except errors.Unavailable as exc:
+            self._reached(False, exc.message)
+            raise
+        self._reached(True)
+        return result
+
+    async def _run(
+        self, work: Callable[[Connection], Awaitable[T]], lock_timeout: float | None
+    ) -> T:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                async with self._pool.acquire() as connection:
-                    return await work(connection)
+                left = remaining_seconds()
+                if left is None and lock_timeout is None:
+                    async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as connection:
+                        return await work(connection)
+                return await self._run_bounded(work, left, lock_timeout)
             except _RETRYABLE as exc:
                 if attempt == MAX_ATTEMPTS:
                     raise errors.Aborted(
@@ -121,6 +193,26 @@ class Database:
             except _UNAVAILABLE as exc:
                 raise errors.Unavailable(f"the database is unavailable: {exc}") from None
         raise AssertionError("unreachable")
+
+    async def _run_bounded(
+        self, work: Callable[[Connection], Awaitable[T]], left: float | None, lock: float | None
+    ) -> T:
+        """``work`` in a transaction bounded by the caller's deadline (``left`` seconds)."""
+        if left is not None and left <= 0:
+            raise errors.DeadlineExceeded("the call's deadline passed; nothing was done")
+        statement_ms = 0 if left is None else max(1, int(left * 1000))
+        lock_ms = min(x for x in (left, lock) if x is not None)
+        async with self._pool.acquire(timeout=_acquire_timeout()) as connection:
+            async with connection.transaction():
+                await connection.execute(
+                    f"SET LOCAL statement_timeout = {statement_ms};"
+                    f" SET LOCAL lock_timeout = {max(1, int(lock_ms * 1000))}"
+                )
+                result = await work(connection)
+                after = remaining_seconds()
+                if after is not None and after <= 0:
+                    raise errors.DeadlineExceeded("the call's deadline passed; rolled back")
+            return result
 
     async def delete_in_slices(self, statement: str, *args: object, batch: int) -> int:
         """Runs a slice-deleting ``statement`` (returning the count it deleted, taking
@@ -143,7 +235,7 @@ class Database:
         """
         try:
             async with (
-                self._pool.acquire() as connection,
+                self._pool.acquire(timeout=_acquire_timeout()) as connection,
                 connection.transaction(isolation="repeatable_read", readonly=True),
             ):
                 yield connection
@@ -164,10 +256,29 @@ async def _keep_session(connection: asyncpg.Connection[Record]) -> None:
     """
 
 
+def _acquire_timeout() -> float:
+    """How long to wait for a pooled connection: ACQUIRE_TIMEOUT, or less if the caller's
+    deadline comes first."""
+    left = remaining_seconds()
+    return ACQUIRE_TIMEOUT if left is None else max(0.001, min(left, ACQUIRE_TIMEOUT))
+
+
+async def close_connection(connection: asyncpg.Connection[Record]) -> None:
+    """Closes a connection of its own, terminating it if the database does not answer."""
+    try:
+        await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT)
+    except Exception:
+        connection.terminate()
+
+
 def _translate(exc: asyncpg.PostgresError) -> Exception:
     """The domain error for a PostgreSQL error that a request can legitimately cause."""
     if isinstance(exc, _UNAVAILABLE):
         return errors.Unavailable(f"the database is unavailable: {exc}")
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        return errors.LockTimeout("a row of the call stayed locked by another transaction")
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return errors.DeadlineExceeded("the call's deadline passed during its statement")
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
         # A course or lesson deleted between the existence check and the write.
         return errors.NotFound("the course or lesson no longer exists", reason="LESSON_NOT_FOUND")

@@ -24,7 +24,13 @@ import asyncpg
 
 from lesson_progress import errors
 from lesson_progress.shutdown import Shutdown
-from lesson_progress.store.database import APPLICATION_NAME, Connection, Database, Record
+from lesson_progress.store.database import (
+    APPLICATION_NAME,
+    Connection,
+    Database,
+    Record,
+    close_connection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +345,5 @@ class EventListener:
             finally:
                 self.connected.clear()
                 if connection is not None and not connection.is_closed():
-                    with contextlib.suppress(Exception):
-                        await connection.close()
+                    await close_connection(connection)
             await asyncio.sleep(self.reconnect_delay)

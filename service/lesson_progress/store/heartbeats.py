@@ -14,6 +14,9 @@ of its entries is retried alone, so every caller gets the outcome a solo call wo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from lesson_progress import errors
 from lesson_progress.store.checks import (
@@ -24,8 +27,10 @@ from lesson_progress.store.checks import (
     explain_empty_write,
     in_outline,
 )
-from lesson_progress.store.database import Connection, Database, Record
+from lesson_progress.store.database import Connection, Database, Record, call_deadline
 from lesson_progress.values import Heartbeat
+
+H = TypeVar("H")
 
 METHOD = "RecordTime"
 
@@ -141,6 +146,133 @@ def _columns(heartbeats: list[Heartbeat]) -> tuple[list[object], ...]:
     )
 
 
+# How long a heartbeat statement may wait for a row lock before it is rolled back and its
+# heartbeats retried (apart from each other): a row locked by someone else then delays
+# only the heartbeats on that row, never a slot for long.
+LOCK_WAIT = 0.2
+# Pause of a heartbeat whose row was locked before it tries again (its caller's deadline
+# ends the retries).
+LOCK_RETRY_DELAY = 0.05
+
+
+@dataclass(slots=True)
+class _Pending(Generic[H]):
+    item: H
+    future: asyncio.Future[Record]
+    deadline: float | None
+    """loop.time() when its caller stops waiting (None: never)."""
+
+
+class HeartbeatWriter(Generic[H]):
+    """Writes heartbeats with at most ``slots`` statements at once: one alone when a slot
+    is free, else queued and merged with the others that wait (up to ``max_batch``).
+
+    Each heartbeat is written once per attempt: a merged statement that fails as a whole
+    has its heartbeats retried one by one (through the slots, like any other); a statement
+    of one that fails fails its caller. A heartbeat whose caller has gone (cancelled, or
+    its deadline passed) is dropped from the queue, never written. A heartbeat whose row
+    was locked too long (errors.LockTimeout, nothing written) is tried again alone, after
+    a pause in which it holds no slot, until its caller's deadline.
+    """
+
+    def __init__(
+        self,
+        write_one: Callable[[H], Awaitable[Record]],
+        write_many: Callable[[list[H]], Awaitable[list[Record | errors.ServiceError]]],
+        *,
+        slots: int,
+        max_batch: int = 500,
+    ) -> None:
+        self._write_one = write_one
+        self._write_many = write_many
+        self._slots = slots
+        self._max_batch = max_batch
+        self._busy = 0
+        self._queue: list[_Pending[H]] = []  # merged into statements of several
+        self._alone: list[_Pending[H]] = []  # each written in a statement of its own
+
+    async def write(self, item: H) -> Record:
+        """Writes ``item`` (possibly together with concurrent ones); returns its row."""
+        alone = False
+        while True:
+            try:
+                return await self._attempt(item, alone=alone)
+            except errors.LockTimeout:
+                alone = True  # never again in a merged statement: it would fail them all
+                await asyncio.sleep(LOCK_RETRY_DELAY)
+
+    async def _attempt(self, item: H, *, alone: bool) -> Record:
+        if self._busy < self._slots and not self._queue and not self._alone:
+            self._busy += 1
+            try:
+                return await self._write_one(item)
+            finally:
+                self._busy -= 1
+                self._drain()
+        pending = _Pending(item, asyncio.get_running_loop().create_future(), call_deadline.get())
+        (self._alone if alone else self._queue).append(pending)
+        self._drain()
+        return await pending.future
+
+    def _take(self) -> list[_Pending[H]]:
+        """The next statement's heartbeats (callers that have gone are left out)."""
+        now = asyncio.get_running_loop().time()
+        taken: list[_Pending[H]] = []
+        while (self._alone or self._queue) and not taken:
+            source = self._alone if self._alone else self._queue
+            size = 1 if source is self._alone else self._max_batch
+            batch = source[:size]
+            del source[:size]
+            for pending in batch:
+                if pending.deadline is not None and pending.deadline <= now:
+                    pending.future.cancel()  # the caller has its DEADLINE_EXCEEDED already
+                if not pending.future.done():
+                    taken.append(pending)
+        return taken
+
+    def _drain(self) -> None:
+        while self._busy < self._slots:
+            batch = self._take()
+            if not batch:
+                return
+            self._busy += 1
+            asyncio.get_running_loop().create_task(self._flush(batch))
+
+    async def _flush(self, batch: list[_Pending[H]]) -> None:
+        deadlines = [p.deadline for p in batch]
+        # The statement may take as long as the first of its callers waits, no longer.
+        call_deadline.set(None if None in deadlines else min(d for d in deadlines if d))
+        try:
+            if len(batch) == 1:
+                outcomes: list[Record | BaseException] = []
+                try:
+                    outcomes.append(await self._write_one(batch[0].item))
+                except errors.ServiceError as exc:
+                    outcomes.append(exc)
+            else:
+                try:
+                    outcomes = list(await self._write_many([p.item for p in batch]))
+                except Exception:
+                    # Failed as a whole (nothing applied): each is retried on its own.
+                    self._alone.extend(batch)
+                    return
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if pending.future.done():  # the caller went away (cancelled)
+                    continue
+                if isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
+        except BaseException as exc:  # an unexpected error: no caller may wait for ever
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            raise
+        finally:
+            self._busy -= 1
+            self._drain()
+
+
 class HeartbeatStore:
     """Adds heartbeat seconds to lesson rows, at most ``slots`` statements at once."""
 
@@ -149,56 +281,18 @@ class HeartbeatStore:
     ) -> None:
         self.database = database
         # Leave some connections for everything else while heartbeats are merged.
-        self._slots = slots or max(1, database.max_size // 2)
-        self._max_batch = max_batch
-        self._busy = 0
-        self._queue: list[tuple[Heartbeat, asyncio.Future[Record]]] = []
+        self._writer: HeartbeatWriter[Heartbeat] = HeartbeatWriter(
+            self._write_one,
+            self._write_many,
+            slots=slots or max(1, database.max_size // 2),
+            max_batch=max_batch,
+        )
 
     # --- RecordTime ------------------------------------------------------------------
 
     async def record_time(self, heartbeat: Heartbeat) -> Record:
         """Adds one heartbeat (possibly together with concurrent ones); returns its row."""
-        if self._busy < self._slots and not self._queue:
-            self._busy += 1
-            try:
-                return await self._write_one(heartbeat)
-            finally:
-                self._busy -= 1
-                self._drain()
-        future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        self._queue.append((heartbeat, future))
-        self._drain()
-        return await future
-
-    def _drain(self) -> None:
-        while self._queue and self._busy < self._slots:
-            batch = self._queue[: self._max_batch]
-            del self._queue[: self._max_batch]
-            self._busy += 1
-            asyncio.get_running_loop().create_task(self._flush(batch))
-
-    async def _flush(self, batch: list[tuple[Heartbeat, asyncio.Future[Record]]]) -> None:
-        try:
-            heartbeats = [heartbeat for heartbeat, _ in batch]
-            try:
-                if len(batch) == 1:
-                    outcomes: list[Record | BaseException] = [await self._write_one(heartbeats[0])]
-                else:
-                    outcomes = list(await self._write_many(heartbeats))
-            except Exception:
-                outcomes = list(await asyncio.gather(
-                    *(self._write_one(h) for h in heartbeats), return_exceptions=True
-                ))  # fmt: skip
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if future.done():  # the caller went away (cancelled)
-                    continue
-                if isinstance(outcome, BaseException):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
-        finally:
-            self._busy -= 1
-            self._drain()
+        return await self._writer.write(heartbeat)
 
     async def _write_one(self, h: Heartbeat) -> Record:
         """One heartbeat in one statement; explains an empty result with a second query."""
@@ -213,7 +307,7 @@ class HeartbeatStore:
                 connection, METHOD, h.user_id, h.course_id, h.lesson_id, h.request_id
             )
 
-        return await self.database.run(work)
+        return await self.database.run(work, lock_timeout=LOCK_WAIT)
 
     async def _write_many(self, heartbeats: list[Heartbeat]) -> list[Record | errors.ServiceError]:
         """Independent heartbeats in one statement; per entry its row or its own error."""
@@ -238,7 +332,7 @@ class HeartbeatStore:
                     outcomes.append(row)
             return outcomes
 
-        return await self.database.run(work)
+        return await self.database.run(work, lock_timeout=LOCK_WAIT)
 
     # --- BatchRecordTime ---------------------------------------------------------------
 
