@@ -1032,19 +1032,19 @@ async def wait_until_released(db: asyncpg.Connection, running: server.RunningSer
     is still in the stream's query; then asserts it."""
     database = running.database
     for _ in range(200):
-        if database.stats().in_use == 0 and await stream_backends(db) == 0:
+        if database.stream_stats().in_use == 0 and await stream_backends(db) == 0:
             break
         await asyncio.sleep(0.05)
-    assert database.stats().in_use == 0, database.stats()
+    assert database.stream_stats().in_use == 0, database.stream_stats()
     assert await stream_backends(db) == 0
 
 
 async def pool_still_serves(
     analytics: Analytics, course_id: str, running: server.RunningServer, db: asyncpg.Connection
 ) -> None:
-    """As many streams as the pool has connections can all be in flight at once: each
-    holds a connection until cancelled, so a connection lost earlier would hang one."""
-    size = running.database.max_size
+    """As many streams as the streams' pool has connections can all be in flight at once:
+    each holds a connection until cancelled, so a connection lost earlier would hang one."""
+    size = running.database.stream_connections
     calls = [
         analytics.StreamCourseLearners(
             an.StreamCourseLearnersRequest(course_id=course_id, page_size=10)
@@ -1082,7 +1082,7 @@ async def abandon_stream(database_url: str, course_id: str, first_user: str, how
                 assert first.course_progress.user_id == first_user
                 # The stream is in flight: its snapshot transaction is open on the server.
                 assert await stream_backends(db) == 1
-                assert running.database.stats().in_use > 0
+                assert running.database.stream_stats().in_use > 0
                 if how == "deadline":
                     # Read nothing more: the deadline passes while the server is blocked on
                     # flow control.

@@ -245,6 +245,16 @@ class Config:
         200, "MAX_STREAMS", "max-streams", integer(1, 1_000_000),
         "server streams at once; more get `RESOURCE_EXHAUSTED`",
     )  # fmt: skip
+    stream_connections: int = setting(
+        4, "STREAM_CONNECTIONS", "stream-connections", integer(1, 1000),
+        "PostgreSQL connections of the analytics streams, apart from the pool; a stream "
+        "beyond them waits 1 s, then gets `RESOURCE_EXHAUSTED`",
+    )  # fmt: skip
+    stream_idle_seconds: float = setting(
+        60.0, "STREAM_IDLE_TIMEOUT", "stream-idle-timeout", duration(0.1),
+        "ends (`DEADLINE_EXCEEDED`) a stream whose reader has read nothing for this long",
+        shown_default="60s",
+    )  # fmt: skip
     keepalive_seconds: int = setting(
         60, "KEEPALIVE", "keepalive", integer(1, 86400),
         "seconds between keepalive pings on idle connections",

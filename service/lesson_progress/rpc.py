@@ -70,6 +70,10 @@ class RpcPolicy:
     max_streams: int = 0
     """Most server streams open at once (0: no limit); more get RESOURCE_EXHAUSTED."""
 
+    stream_idle_seconds: float = 60.0
+    """A stream whose reader takes no message for this long ends with DEADLINE_EXCEEDED
+    (and its transaction with it)."""
+
     shutdown: Shutdown = field(default_factory=Shutdown)
     """Once shutdown has begun, calls that reach a handler get UNAVAILABLE."""
 
@@ -192,13 +196,28 @@ def _wrap_unary(method: str, impl: UnaryHandler, policy: RpcPolicy) -> UnaryHand
     return handle
 
 
-def _wrap_stream(method: str, impl: StreamHandler, policy: RpcPolicy) -> StreamHandler:
+def _wrap_stream(
+    method: str, impl: StreamHandler, policy: RpcPolicy
+) -> Callable[[Any, Context], Awaitable[None]]:
     metrics = policy.metrics.for_method(method) if policy.metrics else None
 
-    async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
+    async def handle(request: Any, context: Context) -> None:
         async with _call(method, policy, metrics, request, context, stream=True):
-            async for response in impl(request, context):
-                yield response
+            responses = impl(request, context)
+            try:
+                async for response in responses:
+                    # A write waits while the reader's flow-control window is full.
+                    try:
+                        async with asyncio.timeout(policy.stream_idle_seconds):
+                            await context.write(response)
+                    except TimeoutError:
+                        raise errors.DeadlineExceeded(
+                            f"the reader took no message for {policy.stream_idle_seconds:g}s"
+                            " (LESSON_PROGRESS_STREAM_IDLE_TIMEOUT); the stream ended",
+                            reason="STREAM_READER_IDLE",
+                        ) from None
+            finally:
+                await responses.aclose()  # type: ignore[attr-defined]
 
     return handle
 

@@ -132,7 +132,9 @@ async def _start(config: Config, resources: contextlib.AsyncExitStack) -> Runnin
     if config.migrate_on_start:
         applied = await run_migrations(url, config)
         log.info("migrations applied: %s", ", ".join(applied) or "none pending")
-    database = await Database.connect(url, pool_size=config.pool_size)
+    database = await Database.connect(
+        url, pool_size=config.pool_size, stream_connections=config.stream_connections
+    )
     resources.push_async_callback(database.close)
     try:
         key = await database.run(lambda connection: connection.fetchval(PAGE_TOKEN_KEY))
@@ -164,6 +166,7 @@ async def _start(config: Config, resources: contextlib.AsyncExitStack) -> Runnin
         authenticator=authenticator,
         metrics=metrics,
         max_streams=config.max_streams,
+        stream_idle_seconds=config.stream_idle_seconds,
         shutdown=shutdown,
     )
 

@@ -11,7 +11,6 @@ from collections import Counter
 
 import asyncpg
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lessonprogress.v1 import analytics_service_pb2 as apb
@@ -249,11 +248,6 @@ async def seed_learners(url: str, course_id: str, learners: int) -> None:
         await connection.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 2 of issue 9: each stalled analytics stream holds a pooled connection, "
-    "so readers that stop reading starve unary calls and the health check",
-)
 async def test_stalled_stream_readers_do_not_starve_unary_calls(
     serve: ServeFactory, database: str
 ) -> None:
@@ -287,3 +281,33 @@ async def test_stalled_stream_readers_do_not_starve_unary_calls(
             for stream in streams:
                 stream.cancel()
     assert (dict(codes), status) == ({Code.OK: 5}, SERVING)
+
+
+async def test_a_reader_that_stops_reading_is_ended_and_its_transaction_released(
+    serve: ServeFactory, database: str
+) -> None:
+    child = serve("--stream-idle-timeout", "1s")
+    await child.wait_health()
+    async with child.channel() as channel:
+        course_id = await upsert_course(channel)
+        await seed_learners(database, course_id, 60_000)
+        analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(channel)
+        stream = analytics.StreamCourseLearners(
+            apb.StreamCourseLearnersRequest(course_id=course_id, page_size=100), timeout=60
+        )
+        await stream.read()  # the stream runs; then nobody reads
+        await poll(lambda: no_open_transaction(database), "the stream's transaction to end")
+        stream.cancel()
+
+
+async def no_open_transaction(url: str) -> bool:
+    """No connection of the service is inside a transaction."""
+    connection = await asyncpg.connect(url)
+    try:
+        return not await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            " AND xact_start IS NOT NULL",
+            SERVICE_APPLICATION_NAME,
+        )
+    finally:
+        await connection.close()

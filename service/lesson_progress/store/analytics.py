@@ -105,6 +105,11 @@ ORDER BY l.user_id
 """
 
 
+# Most rows a stream's cursor holds at once, whatever page size the caller asks for: what a
+# reader that stops reading keeps in the server's memory.
+MAX_PREFETCH = 1000
+
+
 class AnalyticsStore:
     """Streams the per-course reports."""
 
@@ -117,7 +122,10 @@ class AnalyticsStore:
         """Rows of ``query`` for a registered course, one snapshot, ``prefetch`` at a time."""
         async with self.database.read_snapshot() as connection:
             await ensure_course(connection, course_id)
-            async for row in connection.cursor(query, course_id, *args, prefetch=prefetch):
+            cursor = connection.cursor(
+                query, course_id, *args, prefetch=min(prefetch, MAX_PREFETCH)
+            )
+            async for row in cursor:
                 yield row
 
     def lesson_stats(self, course_id: str) -> AsyncIterator[Record]:

@@ -36,6 +36,8 @@ ACQUIRE_TIMEOUT = 5.0
 # How long closing a connection may take before it is terminated (a stalled database
 # never answers the goodbye).
 CLOSE_TIMEOUT = 1.0
+# How long a stream waits for a connection of the streams' pool before RESOURCE_EXHAUSTED.
+STREAM_QUEUE_SECONDS = 1.0
 
 # When the current call's caller stops waiting (``loop.time()``), None for never: set per
 # call by rpc.py from the gRPC deadline, read by ``Database.run`` (the heartbeat writer sets
@@ -87,8 +89,14 @@ class PoolStats:
 class Database:
     """An asyncpg pool plus the one policy for running work on it."""
 
-    def __init__(self, pool: asyncpg.Pool[Record], url: str = "") -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Record],
+        url: str = "",
+        streams: asyncpg.Pool[Record] | None = None,
+    ) -> None:
         self._pool = pool
+        self._streams = streams or pool
         self._url = url
         self.reachable = True
         """Whether the latest database call reached the database."""
@@ -117,10 +125,18 @@ class Database:
         """Most connections the pool opens."""
         return self._pool.get_max_size()
 
+    @property
+    def stream_connections(self) -> int:
+        """Most connections streams hold at once."""
+        return self._streams.get_max_size()
+
     def stats(self) -> PoolStats:
         """The pool's connections now (for metrics)."""
-        size = self._pool.get_size()
-        return PoolStats(size, size - self._pool.get_idle_size(), self._pool.get_max_size())
+        return _stats(self._pool)
+
+    def stream_stats(self) -> PoolStats:
+        """The connections of the streams' pool now."""
+        return _stats(self._streams)
 
     def acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
         """A pooled connection for work outside ``run`` (errors are not translated); waits
@@ -128,28 +144,41 @@ class Database:
         return self._pool.acquire(timeout=_acquire_timeout())
 
     @classmethod
-    async def connect(cls, url: str, *, pool_size: int) -> Database:
-        """Opens a pool of at most ``pool_size`` connections to ``url``."""
+    async def connect(cls, url: str, *, pool_size: int, stream_connections: int = 0) -> Database:
+        """Opens a pool of at most ``pool_size`` connections to ``url``, and one of at most
+        ``stream_connections`` for streams (0: streams use the first pool)."""
+        settings = {"application_name": APPLICATION_NAME}
         try:
             pool = await asyncpg.create_pool(
                 url,
                 min_size=min(2, pool_size),
                 max_size=pool_size,
-                server_settings={"application_name": APPLICATION_NAME},
+                server_settings=settings,
                 reset=_keep_session,
             )
+            streams = None
+            if stream_connections:
+                streams = await asyncpg.create_pool(
+                    url,
+                    min_size=0,
+                    max_size=stream_connections,
+                    server_settings=settings,
+                    reset=_keep_session,
+                )
         except _UNAVAILABLE as exc:
             raise errors.Unavailable(f"cannot connect to the database: {exc}") from None
-        return cls(pool, url)
+        return cls(pool, url, streams)
 
     async def close(self, within: float = CLOSE_TIMEOUT) -> None:
         """Closes every connection, waiting at most ``within`` seconds for those in use to
         be released and for the database to answer; then terminates what is left."""
+        pools = {self._pool, self._streams}
         try:
-            await asyncio.wait_for(self._pool.close(), within)
+            await asyncio.wait_for(asyncio.gather(*(p.close() for p in pools)), within)
         except (TimeoutError, *_UNAVAILABLE):
             log.warning("the database did not close its connections in %.0fs; cut off", within)
-            self._pool.terminate()
+            for pool in pools:
+                pool.terminate()
 
     async def run(
         self, work: Callable[[Connection], Awaitable[T]], *, lock_timeout: float | None = None
@@ -227,22 +256,38 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def read_snapshot(self) -> AsyncIterator[Connection]:
-        """A pooled connection inside a read-only REPEATABLE READ transaction.
+        """A connection of the streams' pool inside a read-only REPEATABLE READ transaction.
 
         For streams: one consistent snapshot however long the caller takes to read. The
         transaction ends (and the connection returns to the pool) when the block exits,
-        including when the stream is cancelled.
+        including when the stream is cancelled or ended for a reader that stopped reading.
+        Streams have a pool of their own, so they never take the connections unary calls
+        need; when all of it is in use, a stream waits STREAM_QUEUE_SECONDS, then gets
+        RESOURCE_EXHAUSTED.
         """
         try:
-            async with (
-                self._pool.acquire(timeout=_acquire_timeout()) as connection,
-                connection.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                yield connection
+            try:
+                connection = await self._streams.acquire(timeout=STREAM_QUEUE_SECONDS)
+            except TimeoutError:
+                raise errors.ResourceExhausted(
+                    "every database connection for streams is in use "
+                    "(LESSON_PROGRESS_STREAM_CONNECTIONS); retry later",
+                    reason="STREAM_CONNECTIONS_EXHAUSTED",
+                ) from None
+            try:
+                async with connection.transaction(isolation="repeatable_read", readonly=True):
+                    yield connection
+            finally:
+                await self._streams.release(connection)
         except asyncpg.PostgresError as exc:
             raise _translate(exc) from None
         except _UNAVAILABLE as exc:
             raise errors.Unavailable(f"the database is unavailable: {exc}") from None
+
+
+def _stats(pool: asyncpg.Pool[Record]) -> PoolStats:
+    size = pool.get_size()
+    return PoolStats(size, size - pool.get_idle_size(), pool.get_max_size())
 
 
 async def _keep_session(connection: asyncpg.Connection[Record]) -> None:
