@@ -232,7 +232,9 @@ class Database:
         statement_ms = 0 if left is None else max(1, int(left * 1000))
         lock_ms = min(x for x in (left, lock) if x is not None)
         async with self._pool.acquire(timeout=_acquire_timeout()) as connection:
-            async with connection.transaction():
+            transaction = connection.transaction()
+            await transaction.start()
+            try:
                 await connection.execute(
                     f"SET LOCAL statement_timeout = {statement_ms};"
                     f" SET LOCAL lock_timeout = {max(1, int(lock_ms * 1000))}"
@@ -241,6 +243,14 @@ class Database:
                 after = remaining_seconds()
                 if after is not None and after <= 0:
                     raise errors.DeadlineExceeded("the call's deadline passed; rolled back")
+            except asyncio.CancelledError:
+                raise  # the pool's release rolls back (or drops) the connection
+            except BaseException:
+                # Fails only when the connection is gone, which rolled back already.
+                with contextlib.suppress(Exception):
+                    await transaction.rollback()
+                raise
+            await transaction.commit()
             return result
 
     async def delete_in_slices(self, statement: str, *args: object, batch: int) -> int:
