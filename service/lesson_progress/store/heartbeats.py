@@ -172,7 +172,8 @@ class HeartbeatWriter(Generic[H]):
     of one that fails fails its caller. A heartbeat whose caller has gone (cancelled, or
     its deadline passed) is dropped from the queue, never written. A heartbeat whose row
     was locked too long (errors.LockTimeout, nothing written) is tried again alone, after
-    a pause in which it holds no slot, until its caller's deadline.
+    a pause in which it holds no slot, until its caller's deadline; such retries never
+    take the last free slot.
     """
 
     def __init__(
@@ -190,19 +191,21 @@ class HeartbeatWriter(Generic[H]):
         self._busy = 0
         self._queue: list[_Pending[H]] = []  # merged into statements of several
         self._alone: list[_Pending[H]] = []  # each written in a statement of its own
+        self._locked: list[_Pending[H]] = []  # alone again, after their row was locked
+        self._busy_locked = 0  # statements of heartbeats in _locked running now
 
     async def write(self, item: H) -> Record:
         """Writes ``item`` (possibly together with concurrent ones); returns its row."""
-        alone = False
+        locked = False
         while True:
             try:
-                return await self._attempt(item, alone=alone)
+                return await self._attempt(item, locked=locked)
             except errors.LockTimeout:
-                alone = True  # never again in a merged statement: it would fail them all
+                locked = True  # never again in a merged statement: it would fail them all
                 await asyncio.sleep(LOCK_RETRY_DELAY)
 
-    async def _attempt(self, item: H, *, alone: bool) -> Record:
-        if self._busy < self._slots and not self._queue and not self._alone:
+    async def _attempt(self, item: H, *, locked: bool) -> Record:
+        if not locked and self._busy < self._slots and not self._queue and not self._alone:
             self._busy += 1
             try:
                 return await self._write_one(item)
@@ -210,35 +213,46 @@ class HeartbeatWriter(Generic[H]):
                 self._busy -= 1
                 self._drain()
         pending = _Pending(item, asyncio.get_running_loop().create_future(), call_deadline.get())
-        (self._alone if alone else self._queue).append(pending)
+        (self._locked if locked else self._queue).append(pending)
         self._drain()
         return await pending.future
 
-    def _take(self) -> list[_Pending[H]]:
-        """The next statement's heartbeats (callers that have gone are left out)."""
+    def _take(self) -> tuple[list[_Pending[H]], bool]:
+        """The next statement's heartbeats (callers that have gone are left out), and
+        whether they are a retry after a lock wait. Those never take the last free slot:
+        heartbeats on rows nobody locks always have one."""
         now = asyncio.get_running_loop().time()
-        taken: list[_Pending[H]] = []
-        while (self._alone or self._queue) and not taken:
-            source = self._alone if self._alone else self._queue
-            size = 1 if source is self._alone else self._max_batch
+        while True:
+            locked = False
+            if self._alone:
+                source, size = self._alone, 1
+            elif self._queue:
+                source, size = self._queue, self._max_batch
+            elif self._locked and self._busy_locked < max(1, self._slots - 1):
+                source, size, locked = self._locked, 1, True
+            else:
+                return [], False
             batch = source[:size]
             del source[:size]
+            taken = []
             for pending in batch:
                 if pending.deadline is not None and pending.deadline <= now:
                     pending.future.cancel()  # the caller has its DEADLINE_EXCEEDED already
                 if not pending.future.done():
                     taken.append(pending)
-        return taken
+            if taken:
+                return taken, locked
 
     def _drain(self) -> None:
         while self._busy < self._slots:
-            batch = self._take()
+            batch, locked = self._take()
             if not batch:
                 return
             self._busy += 1
-            asyncio.get_running_loop().create_task(self._flush(batch))
+            self._busy_locked += locked
+            asyncio.get_running_loop().create_task(self._flush(batch, locked))
 
-    async def _flush(self, batch: list[_Pending[H]]) -> None:
+    async def _flush(self, batch: list[_Pending[H]], locked: bool = False) -> None:
         deadlines = [p.deadline for p in batch]
         # The statement may take as long as the first of its callers waits, no longer.
         call_deadline.set(None if None in deadlines else min(d for d in deadlines if d))
@@ -270,6 +284,7 @@ class HeartbeatWriter(Generic[H]):
             raise
         finally:
             self._busy -= 1
+            self._busy_locked -= locked
             self._drain()
 
 
