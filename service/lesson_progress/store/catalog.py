@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lesson_progress import errors
 from lesson_progress.store.database import Connection, Database, Record
-from lesson_progress.store.events import EventKind, EventNotifier, outbox_ctes
+from lesson_progress.store.events import EventNotifier
 
 UPSERT_COURSE = """
 INSERT INTO courses AS c (course_id, title) VALUES ($1::uuid, $2::text)
@@ -31,25 +31,10 @@ SET position = EXCLUDED.position, title = EXCLUDED.title, assessed = EXCLUDED.as
     passing_score = EXCLUDED.passing_score
 """
 
-_COURSE_COMPLETED = f"VALUES ({EventKind.COURSE_COMPLETED})"
-
 # A learner whose completed lessons now cover the whole (non-empty) outline has finished
-# the course, e.g. after a lesson they had not done was removed; watchers hear about it.
-COMPLETE_COVERED_COURSES = f"""
-WITH covered AS (
-    UPDATE course_progress cp SET completed_at = now()
-    WHERE cp.course_id = $1::uuid AND cp.completed_at IS NULL
-      AND EXISTS (SELECT FROM lessons WHERE course_id = $1::uuid AND position IS NOT NULL)
-      AND NOT EXISTS (
-          SELECT FROM lessons l
-          WHERE l.course_id = $1::uuid AND l.position IS NOT NULL
-            AND NOT cp.completed_lessons ? l.lesson_id
-      )
-    RETURNING cp.user_id, cp.course_id
-),
-{outbox_ctes("covered", _COURSE_COMPLETED, snapshot=False)}
-SELECT count(*) FROM covered
-"""
+# the course, e.g. after a lesson they had not done was removed; watchers hear about it
+# (function of migration 0004; returns how many learners).
+COMPLETE_COVERED_COURSES = "SELECT lp_complete_covered_courses($1::uuid)"
 
 SELECT_COURSE = """
 SELECT course_id, title, created_at, updated_at FROM courses WHERE course_id = $1::uuid

@@ -61,9 +61,11 @@ SELECT EXISTS (SELECT FROM courses WHERE course_id = $1::uuid) AS course_exists,
        {in_outline("$1::uuid", "$2::varchar")} AS lesson_exists
 """
 
+# A request id is remembered per learner and course (migration 0004): the same id in
+# another course is another call.
 LOOKUP_REQUEST = """
 SELECT method, course_id::text, lesson_id FROM processed_requests
-WHERE user_id = $1::uuid AND request_id = $2::uuid
+WHERE user_id = $1::uuid AND request_id = $2::uuid AND course_id = $3::uuid
 """
 
 # One lesson row of the current outline.
@@ -74,14 +76,15 @@ WHERE user_id = $1::uuid AND course_id = $2::uuid AND lesson_id = $3::varchar
 """
 
 # Deletes a bounded slice of expired request ids, so that no purge holds locks for long.
+# By key, not ctid: on Citus a ctid only means something within one shard.
 PURGE_REQUEST_IDS = """
 WITH gone AS (
     DELETE FROM processed_requests
-    WHERE ctid = ANY (ARRAY(
-        SELECT ctid FROM processed_requests
+    WHERE (user_id, request_id, course_id) IN (
+        SELECT user_id, request_id, course_id FROM processed_requests
         WHERE created_at < now() - make_interval(secs => $1::double precision)
         LIMIT $2
-    ))
+    )
     RETURNING 1
 )
 SELECT count(*) FROM gone
@@ -115,13 +118,9 @@ async def ensure_request_id_fits(
     lesson_id: str,
     request_id: str,
 ) -> None:
-    """Refuses a request id that was first used for a different call."""
-    used = await connection.fetchrow(LOOKUP_REQUEST, user_id, request_id)
-    if used is not None and (used["method"], used["course_id"], used["lesson_id"]) != (
-        method,
-        course_id,
-        lesson_id,
-    ):
+    """Refuses a request id that was first used for a different call in the course."""
+    used = await connection.fetchrow(LOOKUP_REQUEST, user_id, request_id, course_id)
+    if used is not None and (used["method"], used["lesson_id"]) != (method, lesson_id):
         raise errors.InvalidArgument.request_id_reused(
             [errors.RequestIdUse("request_id", *used.values())]
         )
