@@ -788,12 +788,10 @@ async def test_list_ties_broken_by_lesson_id(
     # l6, l2 and l1 share a start time; l4 and l5 come later, in this order.
     await db.execute(
         """
-        UPDATE lesson_progress SET first_started_at = CASE lesson_id
-            WHEN 'l6' THEN '2024-01-01T00:00:00Z'::timestamptz
-            WHEN 'l2' THEN '2024-01-01T00:00:00Z'::timestamptz
-            WHEN 'l1' THEN '2024-01-01T00:00:00Z'::timestamptz
-            WHEN 'l4' THEN '2024-01-01T00:00:01Z'::timestamptz
-            WHEN 'l5' THEN '2024-01-01T00:00:02Z'::timestamptz
+        UPDATE lesson_progress SET first_started_at = CASE
+            WHEN lesson_id IN ('l6', 'l2', 'l1') THEN '2024-01-01T00:00:00Z'::timestamptz
+            WHEN lesson_id = 'l4' THEN '2024-01-01T00:00:01Z'::timestamptz
+            WHEN lesson_id = 'l5' THEN '2024-01-01T00:00:02Z'::timestamptz
         END
         WHERE user_id = $1 AND course_id = $2
         """,

@@ -1,8 +1,8 @@
 """The checks every progress path shares: is the lesson in its course's current outline,
 is the course registered, was this request id already used (and for what).
 
-A write statement checks the outline and claims its request id itself (``LESSON_CTE`` and
-``claim_cte``), so that the common case is one round trip. Only when it returns no row does
+A write function (migration 0004) checks the outline and claims its request id itself, so
+that the common case is one round trip. Only when it returns no row does
 ``explain_empty_write`` find out why: an unknown course or lesson (NOT_FOUND), a request id
 first used for a different call (INVALID_ARGUMENT), or a replay (the current row).
 """
@@ -27,32 +27,6 @@ PROGRESS_COLUMNS = """
     first_started_at, last_accessed_at, completed_at, created_at, updated_at, bookmark,
     bookmarked_at
 """
-
-# The lesson ($3) of course $2, if it is in the current outline.
-LESSON_CTE = """
-lesson AS (
-    SELECT passing_score FROM lessons
-    WHERE course_id = $2::uuid AND lesson_id = $3::varchar AND position IS NOT NULL
-)"""
-
-
-def claim_cte(method: str) -> str:
-    """CTEs that remember request id $5 of learner $1 for ``method`` on the ``lesson``;
-    ``proceed`` yields the lesson only if there is no request id or it is seen for the first
-    time. ``method`` is a constant of the calling module, never a value from a request."""
-    return f"""
-claimed AS (
-    INSERT INTO processed_requests (user_id, request_id, method, course_id, lesson_id)
-    SELECT $1::uuid, $5::uuid, '{method}', $2::uuid, $3::varchar FROM lesson
-    WHERE $5::uuid IS NOT NULL
-    ON CONFLICT DO NOTHING
-    RETURNING true
-),
-proceed AS (
-    SELECT passing_score FROM lesson
-    WHERE $5::uuid IS NULL OR EXISTS (SELECT FROM claimed)
-)"""
-
 
 COURSE_EXISTS = "SELECT EXISTS (SELECT FROM courses WHERE course_id = $1::uuid)"
 
