@@ -47,14 +47,16 @@ ORDER BY position
 """
 
 # Progress rows are counted before the cascade (courses -> lessons -> lesson_progress ->
-# lesson_attempts; courses -> course_progress, progress_events) removes them. The course's
-# remembered request ids go too: a retry after the course is registered again is new work.
+# lesson_attempts; courses -> course_progress, progress_events) removes them, by a statement
+# of their own: on Citus a writable CTE runs its DELETE before the other parts, which would
+# then count nothing. The course's remembered request ids go too: a retry after the course
+# is registered again is new work.
+COUNT_COURSE_PROGRESS = "SELECT count(*) FROM lesson_progress WHERE course_id = $1::uuid"
+
 DELETE_COURSE = """
-WITH progress AS (SELECT count(*) AS n FROM lesson_progress WHERE course_id = $1::uuid),
-     requests AS (DELETE FROM processed_requests WHERE course_id = $1::uuid),
+WITH requests AS (DELETE FROM processed_requests WHERE course_id = $1::uuid),
      course AS (DELETE FROM courses WHERE course_id = $1::uuid RETURNING 1)
-SELECT (SELECT count(*) FROM course) AS deleted_courses, progress.n AS deleted_lessons
-FROM progress
+SELECT count(*) FROM course
 """
 
 
@@ -121,11 +123,11 @@ class CatalogStore:
         """Deletes a course and all progress in it; returns the lesson rows deleted."""
 
         async def work(connection: Connection) -> int:
-            row = await connection.fetchrow(DELETE_COURSE, course_id)
-            assert row is not None
-            if not row["deleted_courses"]:
-                raise errors.NotFound.course(course_id)
-            return int(row["deleted_lessons"])
+            async with connection.transaction():
+                lessons = await connection.fetchval(COUNT_COURSE_PROGRESS, course_id)
+                if not await connection.fetchval(DELETE_COURSE, course_id):
+                    raise errors.NotFound.course(course_id)
+                return int(lessons)
 
         return await self.database.run(work)
 
