@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from lesson_progress import migrate
 from lesson_progress.config import Config
+from lesson_progress.store import analytics
 from lessonprogress.v1 import progress_service_pb2 as ps
 from tests import postgres
 
@@ -277,3 +279,26 @@ async def test_adding_a_worker_and_rebalancing_under_writes_loses_nothing(
         acknowledged
     )
     assert sum(acknowledged.values()) > 0
+
+
+async def test_each_report_is_a_router_plan_on_one_shard(
+    citus_url: str, database_url: str, make_course
+) -> None:
+    # A report reads one course: one shard (plus the local replicas of the catalog), so its
+    # REPEATABLE READ snapshot is one worker's, consistent as on one PostgreSQL.
+    course = await make_course(3)
+    connection = await asyncpg.connect(database_url)
+    try:
+        reports = {
+            "LESSON_STATS": (analytics.LESSON_STATS, (course.course_id,)),
+            "DIFFICULT_LESSONS": (analytics.DIFFICULT_LESSONS, (course.course_id, 1)),
+            "COURSE_LEARNERS": (analytics.COURSE_LEARNERS, (course.course_id,)),
+        }
+        for name, (query, args) in reports.items():
+            plan = "\n".join(
+                r[0] for r in await connection.fetch(f"EXPLAIN (COSTS OFF) {query}", *args)
+            )
+            counts = re.findall(r"Task Count: (\d+)", plan)
+            assert counts == ["1"], (name, plan)
+    finally:
+        await connection.close()

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import re
 import shutil
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -327,3 +328,61 @@ async def test_failing_file_rolls_back_and_is_not_recorded(
     assert await migrate.migrate(connection, migrations_copy) == [failing, later]
     assert await table_exists(connection, "half_done")
     assert await recorded(connection) == expected_records(migrations_copy)
+
+
+async def test_0004_continues_each_courses_event_ids_and_keys_request_ids_by_course(
+    connection: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # Events written with the one identity sequence before 0004 keep their ids; after it,
+    # each course counts up from its own highest id (or purge mark), so a watcher's
+    # after_event_id stays valid.
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in migration_files():
+        if int(path.name[:4]) < 4:
+            shutil.copy(path, before / path.name)
+    await migrate.migrate(connection, before)
+    course, other, purged = (str(uuid.uuid4()) for _ in range(3))
+    await connection.execute(
+        "INSERT INTO courses (course_id) SELECT unnest($1::uuid[])", [course, other, purged]
+    )
+    await connection.execute(
+        "INSERT INTO lessons (course_id, lesson_id, position) VALUES ($1, 'l1', 0)", course
+    )
+    user = str(uuid.uuid4())
+    for course_id in (course, other, course, other, other):
+        await connection.execute(
+            "INSERT INTO progress_events (course_id, user_id, kind) VALUES ($1, $2, 1)",
+            course_id,
+            user,
+        )
+    highest = await connection.fetchval(
+        "SELECT max(event_id) FROM progress_events WHERE course_id = $1", course
+    )
+    await connection.execute(
+        "INSERT INTO progress_event_purges (course_id, purged_through) VALUES ($1, 1000)", purged
+    )
+
+    await migrate.migrate(connection, MIGRATIONS_DIR)
+    heads = dict(
+        await connection.fetch("SELECT course_id::text, last_event_id FROM course_event_heads")
+    )
+    assert heads[course] == highest
+    assert heads[purged] == 1000
+    await connection.fetchrow("SELECT * FROM lp_start_lesson($1, $2, 'l1')", user, course)
+    ids = [
+        r[0]
+        for r in await connection.fetch(
+            "SELECT event_id FROM progress_events WHERE course_id = $1 ORDER BY event_id", course
+        )
+    ]
+    assert ids[-1] == highest + 1
+    assert len(ids) == 3
+    key = await connection.fetchval(
+        "SELECT array_agg(a.attname ORDER BY k.n) FROM pg_constraint c,"
+        " unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)"
+        " JOIN pg_attribute a ON a.attnum = k.attnum"
+        " WHERE c.conname = 'processed_requests_pkey'"
+        " AND a.attrelid = 'processed_requests'::regclass"
+    )
+    assert key == ["user_id", "request_id", "course_id"]

@@ -14,6 +14,8 @@ from lesson_progress import errors
 from lesson_progress.store.database import Record
 from lesson_progress.store.heartbeats import HeartbeatWriter
 
+pytestmark = pytest.mark.postgres_only("the fault suite controls its own PostgreSQL processes")
+
 
 async def test_a_failing_heartbeat_is_written_once() -> None:
     written: Counter[str] = Counter()

@@ -30,6 +30,8 @@ from tests.faults.support import (
 )
 from tests.test_operations import Serve, upsert_course
 
+pytestmark = pytest.mark.postgres_only("the fault suite controls its own PostgreSQL processes")
+
 WRITERS = 16
 LESSONS = [f"l{i + 1}" for i in range(4)]
 ROUNDS = 3  # faults per scenario

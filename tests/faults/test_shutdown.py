@@ -19,6 +19,8 @@ from tests.faults.conftest import ServeFactory
 from tests.faults.support import consistency_problems, new_id
 from tests.test_operations import upsert_course
 
+pytestmark = pytest.mark.postgres_only("the fault suite controls its own PostgreSQL processes")
+
 Code = grpc.StatusCode
 GRACE = 3  # seconds of shutdown grace
 EXIT_SLACK = 8.0  # seconds beyond the grace the process may take to exit (hang guard)

@@ -21,6 +21,8 @@ from tests.faults.conftest import ServeFactory
 from tests.faults.support import new_id, poll
 from tests.test_operations import NOT_SERVING, SERVING, Serve, upsert_course
 
+pytestmark = pytest.mark.postgres_only("the fault suite controls its own PostgreSQL processes")
+
 Code = grpc.StatusCode
 SHORT_DEADLINE = 1.0  # seconds: deadline of calls made while the database cannot answer
 GRACE = 2  # seconds of shutdown grace for the shutdown scenarios

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lesson_progress import errors
 from lesson_progress.store.database import Connection, Database, Record
-from lesson_progress.store.events import EventKind, EventNotifier, outbox_ctes
+from lesson_progress.store.events import EventNotifier
 
 UPSERT_COURSE = """
 INSERT INTO courses AS c (course_id, title) VALUES ($1::uuid, $2::text)
@@ -31,25 +31,10 @@ SET position = EXCLUDED.position, title = EXCLUDED.title, assessed = EXCLUDED.as
     passing_score = EXCLUDED.passing_score
 """
 
-_COURSE_COMPLETED = f"VALUES ({EventKind.COURSE_COMPLETED})"
-
 # A learner whose completed lessons now cover the whole (non-empty) outline has finished
-# the course, e.g. after a lesson they had not done was removed; watchers hear about it.
-COMPLETE_COVERED_COURSES = f"""
-WITH covered AS (
-    UPDATE course_progress cp SET completed_at = now()
-    WHERE cp.course_id = $1::uuid AND cp.completed_at IS NULL
-      AND EXISTS (SELECT FROM lessons WHERE course_id = $1::uuid AND position IS NOT NULL)
-      AND NOT EXISTS (
-          SELECT FROM lessons l
-          WHERE l.course_id = $1::uuid AND l.position IS NOT NULL
-            AND NOT cp.completed_lessons ? l.lesson_id
-      )
-    RETURNING cp.user_id, cp.course_id
-),
-{outbox_ctes("covered", _COURSE_COMPLETED, snapshot=False)}
-SELECT count(*) FROM covered
-"""
+# the course, e.g. after a lesson they had not done was removed; watchers hear about it
+# (function of migration 0004; returns how many learners).
+COMPLETE_COVERED_COURSES = "SELECT lp_complete_covered_courses($1::uuid)"
 
 SELECT_COURSE = """
 SELECT course_id, title, created_at, updated_at FROM courses WHERE course_id = $1::uuid
@@ -62,14 +47,16 @@ ORDER BY position
 """
 
 # Progress rows are counted before the cascade (courses -> lessons -> lesson_progress ->
-# lesson_attempts; courses -> course_progress, progress_events) removes them. The course's
-# remembered request ids go too: a retry after the course is registered again is new work.
+# lesson_attempts; courses -> course_progress, progress_events) removes them, by a statement
+# of their own: on Citus a writable CTE runs its DELETE before the other parts, which would
+# then count nothing. The course's remembered request ids go too: a retry after the course
+# is registered again is new work.
+COUNT_COURSE_PROGRESS = "SELECT count(*) FROM lesson_progress WHERE course_id = $1::uuid"
+
 DELETE_COURSE = """
-WITH progress AS (SELECT count(*) AS n FROM lesson_progress WHERE course_id = $1::uuid),
-     requests AS (DELETE FROM processed_requests WHERE course_id = $1::uuid),
+WITH requests AS (DELETE FROM processed_requests WHERE course_id = $1::uuid),
      course AS (DELETE FROM courses WHERE course_id = $1::uuid RETURNING 1)
-SELECT (SELECT count(*) FROM course) AS deleted_courses, progress.n AS deleted_lessons
-FROM progress
+SELECT count(*) FROM course
 """
 
 
@@ -136,11 +123,11 @@ class CatalogStore:
         """Deletes a course and all progress in it; returns the lesson rows deleted."""
 
         async def work(connection: Connection) -> int:
-            row = await connection.fetchrow(DELETE_COURSE, course_id)
-            assert row is not None
-            if not row["deleted_courses"]:
-                raise errors.NotFound.course(course_id)
-            return int(row["deleted_lessons"])
+            async with connection.transaction():
+                lessons = await connection.fetchval(COUNT_COURSE_PROGRESS, course_id)
+                if not await connection.fetchval(DELETE_COURSE, course_id):
+                    raise errors.NotFound.course(course_id)
+                return int(lessons)
 
         return await self.database.run(work)
 

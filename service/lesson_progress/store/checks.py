@@ -1,8 +1,8 @@
 """The checks every progress path shares: is the lesson in its course's current outline,
 is the course registered, was this request id already used (and for what).
 
-A write statement checks the outline and claims its request id itself (``LESSON_CTE`` and
-``claim_cte``), so that the common case is one round trip. Only when it returns no row does
+A write function (migration 0004) checks the outline and claims its request id itself, so
+that the common case is one round trip. Only when it returns no row does
 ``explain_empty_write`` find out why: an unknown course or lesson (NOT_FOUND), a request id
 first used for a different call (INVALID_ARGUMENT), or a replay (the current row).
 """
@@ -28,32 +28,6 @@ PROGRESS_COLUMNS = """
     bookmarked_at
 """
 
-# The lesson ($3) of course $2, if it is in the current outline.
-LESSON_CTE = """
-lesson AS (
-    SELECT passing_score FROM lessons
-    WHERE course_id = $2::uuid AND lesson_id = $3::varchar AND position IS NOT NULL
-)"""
-
-
-def claim_cte(method: str) -> str:
-    """CTEs that remember request id $5 of learner $1 for ``method`` on the ``lesson``;
-    ``proceed`` yields the lesson only if there is no request id or it is seen for the first
-    time. ``method`` is a constant of the calling module, never a value from a request."""
-    return f"""
-claimed AS (
-    INSERT INTO processed_requests (user_id, request_id, method, course_id, lesson_id)
-    SELECT $1::uuid, $5::uuid, '{method}', $2::uuid, $3::varchar FROM lesson
-    WHERE $5::uuid IS NOT NULL
-    ON CONFLICT DO NOTHING
-    RETURNING true
-),
-proceed AS (
-    SELECT passing_score FROM lesson
-    WHERE $5::uuid IS NULL OR EXISTS (SELECT FROM claimed)
-)"""
-
-
 COURSE_EXISTS = "SELECT EXISTS (SELECT FROM courses WHERE course_id = $1::uuid)"
 
 LOOKUP_LESSON = f"""
@@ -61,9 +35,11 @@ SELECT EXISTS (SELECT FROM courses WHERE course_id = $1::uuid) AS course_exists,
        {in_outline("$1::uuid", "$2::varchar")} AS lesson_exists
 """
 
+# A request id is remembered per learner and course (migration 0004): the same id in
+# another course is another call.
 LOOKUP_REQUEST = """
 SELECT method, course_id::text, lesson_id FROM processed_requests
-WHERE user_id = $1::uuid AND request_id = $2::uuid
+WHERE user_id = $1::uuid AND request_id = $2::uuid AND course_id = $3::uuid
 """
 
 # One lesson row of the current outline.
@@ -74,14 +50,15 @@ WHERE user_id = $1::uuid AND course_id = $2::uuid AND lesson_id = $3::varchar
 """
 
 # Deletes a bounded slice of expired request ids, so that no purge holds locks for long.
+# By key, not ctid: on Citus a ctid only means something within one shard.
 PURGE_REQUEST_IDS = """
 WITH gone AS (
     DELETE FROM processed_requests
-    WHERE ctid = ANY (ARRAY(
-        SELECT ctid FROM processed_requests
+    WHERE (user_id, request_id, course_id) IN (
+        SELECT user_id, request_id, course_id FROM processed_requests
         WHERE created_at < now() - make_interval(secs => $1::double precision)
         LIMIT $2
-    ))
+    )
     RETURNING 1
 )
 SELECT count(*) FROM gone
@@ -115,13 +92,9 @@ async def ensure_request_id_fits(
     lesson_id: str,
     request_id: str,
 ) -> None:
-    """Refuses a request id that was first used for a different call."""
-    used = await connection.fetchrow(LOOKUP_REQUEST, user_id, request_id)
-    if used is not None and (used["method"], used["course_id"], used["lesson_id"]) != (
-        method,
-        course_id,
-        lesson_id,
-    ):
+    """Refuses a request id that was first used for a different call in the course."""
+    used = await connection.fetchrow(LOOKUP_REQUEST, user_id, request_id, course_id)
+    if used is not None and (used["method"], used["lesson_id"]) != (method, lesson_id):
         raise errors.InvalidArgument.request_id_reused(
             [errors.RequestIdUse("request_id", *used.values())]
         )

@@ -1,8 +1,11 @@
 """The progress event outbox: writing events, reading them back (``EventStore.watch``),
 purging them, and hearing about them.
 
-Writers append events in the same statement as the change (``outbox_ctes``); once it has
-committed, the writing process ``pg_notify``s the course id (``EventNotifier``). Each
+Writers append events in the same transaction as the change (the write functions of
+migration 0004, which number a course's events from its ``course_event_heads`` row: its
+row lock makes the course's events commit in id order, on one PostgreSQL and on Citus);
+once it has committed, the writing process ``pg_notify``s the course id
+(``EventNotifier``), on its own connection, so on Citus through the coordinator. Each
 server process keeps one dedicated connection LISTENing on that channel
 (``EventListener``); a notification only wakes the watchers of that course, which then
 read what they have not seen from the table. So a watcher that reads slowly holds no queue
@@ -35,8 +38,6 @@ from lesson_progress.store.database import (
 log = logging.getLogger(__name__)
 
 EVENT_CHANNEL = "lesson_progress_events"
-# First key of the two-key advisory lock that orders a course's events (see migration 0002).
-EVENT_LOCK_NAMESPACE = 0x4C50  # "LP"
 # Events read from the outbox per query by one watcher: its bounded window.
 WATCH_BATCH = 256
 # The lesson row as the event carries it (a snapshot after the change).
@@ -55,32 +56,6 @@ class EventKind(enum.IntEnum):
     COMPLETED = 3
     COURSE_COMPLETED = 4
     BOOKMARKED = 5
-
-
-def outbox_ctes(source: str, kinds: str, *, snapshot: bool = True) -> str:
-    """CTEs that append one event per row of the CTE ``source`` and per kind yielded by the
-    SQL ``kinds`` (the caller then tells the EventNotifier). ``source`` has ``course_id``
-    and ``user_id`` columns, and with ``snapshot`` the lesson row's columns too.
-
-    The per-course advisory lock is taken before event ids are drawn and held until commit,
-    so that a course's events become visible in id order (see migration 0002).
-    """
-    columns = EVENT_COLUMNS if snapshot else "course_id, user_id, kind"
-    values = "s.course_id, s.user_id, k.kind" + "".join(
-        f", s.{column}" for column in (_SNAPSHOT if snapshot else ())
-    )
-    return f"""
-course_lock AS MATERIALIZED (
-    SELECT pg_advisory_xact_lock({EVENT_LOCK_NAMESPACE}, hashtext(course_id::text))
-    FROM (SELECT DISTINCT course_id FROM {source}) AS locked
-),
-events AS (
-    INSERT INTO progress_events ({columns})
-    SELECT {values}
-    FROM {source} s CROSS JOIN ({kinds}) AS k(kind)
-    WHERE EXISTS (SELECT FROM course_lock)
-    ORDER BY s.user_id, k.kind
-)"""
 
 
 # The position a new watch starts from: everything committed so far counts as seen.
@@ -113,12 +88,12 @@ SELECT COALESCE(
 PURGE_EVENTS = """
 WITH gone AS (
     DELETE FROM progress_events
-    WHERE event_id = ANY (ARRAY(
-        SELECT event_id FROM progress_events
+    WHERE (course_id, event_id) IN (
+        SELECT course_id, event_id FROM progress_events
         WHERE occurred_at < now() - make_interval(secs => $1::double precision)
         ORDER BY occurred_at
         LIMIT $2
-    ))
+    )
     RETURNING course_id, event_id
 ),
 marks AS (

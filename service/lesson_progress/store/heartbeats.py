@@ -20,9 +20,7 @@ from typing import Generic, TypeVar
 
 from lesson_progress import errors
 from lesson_progress.store.checks import (
-    LESSON_CTE,
     PROGRESS_COLUMNS,
-    claim_cte,
     ensure_lesson,
     explain_empty_write,
     in_outline,
@@ -34,15 +32,11 @@ H = TypeVar("H")
 
 METHOD = "RecordTime"
 
-# One heartbeat: $1 user, $2 course, $3 lesson, $4 seconds, $5 request id (or NULL).
+# One heartbeat: $1 user, $2 course, $3 lesson, $4 seconds, $5 request id (or NULL); the
+# function of migration 0004 (on Citus it runs on the course's worker in one round trip).
 RECORD_TIME = f"""
-WITH {LESSON_CTE}, {claim_cte(METHOD)}
-INSERT INTO lesson_progress AS lp (user_id, course_id, lesson_id, time_spent_seconds)
-SELECT $1::uuid, $2::uuid, $3::varchar, $4::integer FROM proceed
-ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
-SET time_spent_seconds = lp.time_spent_seconds + EXCLUDED.time_spent_seconds,
-    last_accessed_at = clock_timestamp()
-RETURNING {PROGRESS_COLUMNS}
+SELECT {PROGRESS_COLUMNS}
+FROM lp_record_time($1::uuid, $2::uuid, $3::varchar, $4::integer, $5::uuid)
 """
 
 # Heartbeats as five parallel arrays, summed per lesson, in one statement. Entries are
@@ -65,41 +59,45 @@ reused AS (
     SELECT i.idx, r.method AS first_method, r.course_id::text AS first_course_id,
            r.lesson_id AS first_lesson_id
     FROM input i
-    JOIN processed_requests r ON r.user_id = i.user_id AND r.request_id = i.request_id
-    WHERE (r.method, r.course_id, r.lesson_id)
-          IS DISTINCT FROM ('{METHOD}', i.course_id, i.lesson_id)
+    JOIN processed_requests r
+      ON r.user_id = i.user_id AND r.request_id = i.request_id AND r.course_id = i.course_id
+    WHERE (r.method, r.lesson_id) IS DISTINCT FROM ('{METHOD}', i.lesson_id)
 ),
 valid AS (
     SELECT i.* FROM input i WHERE {{valid}}
 ),
 first_use AS (
-    SELECT DISTINCT ON (user_id, request_id) idx, user_id, request_id, course_id, lesson_id
+    SELECT DISTINCT ON (user_id, request_id, course_id)
+           idx, user_id, request_id, course_id, lesson_id
     FROM valid WHERE request_id IS NOT NULL
-    ORDER BY user_id, request_id, idx
+    ORDER BY user_id, request_id, course_id, idx
 ),
 claimed AS (
     INSERT INTO processed_requests (user_id, request_id, method, course_id, lesson_id)
     SELECT user_id, request_id, '{METHOD}', course_id, lesson_id FROM first_use
-    ORDER BY user_id, request_id
+    ORDER BY user_id, request_id, course_id
     ON CONFLICT DO NOTHING
-    RETURNING user_id, request_id
+    RETURNING user_id, request_id, course_id
 ),
 accepted AS (
     SELECT v.user_id, v.course_id, v.lesson_id, v.seconds FROM valid v
     WHERE v.request_id IS NULL
-       OR v.idx IN (SELECT f.idx FROM first_use f JOIN claimed c USING (user_id, request_id))
+       OR v.idx IN (
+           SELECT f.idx FROM first_use f JOIN claimed c USING (user_id, request_id, course_id)
+       )
 ),
 summed AS (
     SELECT user_id, course_id, lesson_id, sum(seconds) AS seconds FROM accepted
     GROUP BY user_id, course_id, lesson_id
 ),
 upserted AS (
-    INSERT INTO lesson_progress AS lp (user_id, course_id, lesson_id, time_spent_seconds)
-    SELECT user_id, course_id, lesson_id, seconds FROM summed
+    INSERT INTO lesson_progress AS lp
+        (user_id, course_id, lesson_id, time_spent_seconds, last_accessed_at)
+    SELECT user_id, course_id, lesson_id, seconds, clock_timestamp() FROM summed
     ORDER BY user_id, course_id, lesson_id
     ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
     SET time_spent_seconds = lp.time_spent_seconds + EXCLUDED.time_spent_seconds,
-        last_accessed_at = clock_timestamp()
+        last_accessed_at = GREATEST(lp.last_accessed_at, EXCLUDED.last_accessed_at)
     RETURNING {PROGRESS_COLUMNS}
 ),
 result AS (

@@ -1,14 +1,16 @@
 """SQL for one learner's progress: starts, attempts, completions, bookmarks, reads, erasure.
 (Heartbeats have their own module, ``heartbeats.py``.)
 
-Each write is one statement: a writable CTE checks the lesson is in its course's current
-outline, claims the request id (if any), upserts the lesson row and, on completion, the
-course row and the outbox events, so that PostgreSQL sees one round trip and one commit
-per RPC. Only when that statement returns no row does a second query find out why
-(unknown lesson, replayed request, nothing to change: ``checks.explain_empty_write``).
+Each write is one call of a PL/pgSQL function of migration 0004 (``lp_start_lesson``,
+...): it checks the lesson is in its course's current outline, claims the request id (if
+any), upserts the lesson row and, on completion, the course row and the outbox events, so
+that the database sees one round trip and one commit per RPC, on one PostgreSQL and on
+Citus alike (there the function runs on the worker holding the course). Only when the call
+returns no row does a second query find out why (unknown lesson, replayed request, nothing
+to change: ``checks.explain_empty_write``).
 
-Updates stamp ``last_accessed_at`` with clock_timestamp(), read after the row lock is
-taken, so that it never moves backwards when concurrent writes commit out of start order.
+Updates set ``last_accessed_at`` to the greater of the stored value and clock_timestamp(),
+so that it never moves backwards when concurrent writes commit out of start order.
 """
 
 from __future__ import annotations
@@ -19,129 +21,38 @@ from datetime import datetime
 from lesson_progress import errors
 from lesson_progress.store.checks import (
     GET_LESSON_PROGRESS,
-    LESSON_CTE,
     PROGRESS_COLUMNS,
     PURGE_REQUEST_IDS,
-    claim_cte,
     ensure_course,
     ensure_lesson,
     explain_empty_write,
     in_outline,
 )
 from lesson_progress.store.database import Connection, Database, Record
-from lesson_progress.store.events import EventKind, EventNotifier, outbox_ctes
+from lesson_progress.store.events import EventNotifier
 
-# Adds a newly completed lesson to the learner's course row, in the same statement as the
-# lesson row. The `?` guard keeps the list free of duplicates however many completions race
-# (ON CONFLICT DO UPDATE locks the row and re-evaluates against its latest version), and the
-# course's completion time is set when the list first covers the whole outline.
-_SYNC_COURSE_CTE = """
-course AS (
-    INSERT INTO course_progress AS cp (user_id, course_id, completed_lessons, completed_at)
-    SELECT p.user_id, p.course_id, jsonb_build_array(p.lesson_id),
-           CASE WHEN NOT EXISTS (
-               SELECT FROM lessons l
-               WHERE l.course_id = p.course_id AND l.position IS NOT NULL
-                 AND l.lesson_id <> p.lesson_id
-           ) THEN now() END
-    FROM progress p WHERE p.completed
-    ON CONFLICT (user_id, course_id) DO UPDATE
-    SET completed_lessons = cp.completed_lessons || EXCLUDED.completed_lessons,
-        completed_at = COALESCE(cp.completed_at, CASE WHEN NOT EXISTS (
-            SELECT FROM lessons l
-            WHERE l.course_id = cp.course_id AND l.position IS NOT NULL
-              AND NOT (cp.completed_lessons || EXCLUDED.completed_lessons) ? l.lesson_id
-        ) THEN now() END)
-    WHERE NOT cp.completed_lessons ? $3::varchar
-    RETURNING cp.completed_at
-)"""
-
-
-# COMPLETED when this statement completed the lesson, COURSE_COMPLETED when it completed the
-# course (both set their completion time to this transaction's now()).
-_COMPLETION_KINDS = f"""
-    SELECT {EventKind.COMPLETED} FROM progress WHERE completed_at = now()
-    UNION ALL SELECT {EventKind.COURSE_COMPLETED} FROM course WHERE completed_at = now()
-"""
-
+# Each write is one call of its function (migration 0004): it checks the outline, claims
+# the request id, upserts the lesson row, and on completion the course row and the events,
+# in one round trip. On Citus the function runs on the worker that holds the course.
 START_LESSON = f"""
-WITH {LESSON_CTE},
-progress AS (
-    INSERT INTO lesson_progress AS lp (user_id, course_id, lesson_id)
-    SELECT $1::uuid, $2::uuid, $3::varchar FROM lesson
-    ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE SET last_accessed_at = clock_timestamp()
-    RETURNING {PROGRESS_COLUMNS}
-),
-{outbox_ctes("progress", f"VALUES ({EventKind.STARTED})")}
-SELECT * FROM progress
+SELECT {PROGRESS_COLUMNS} FROM lp_start_lesson($1::uuid, $2::uuid, $3::varchar)
 """
 
 SAVE_BOOKMARK = f"""
-WITH {LESSON_CTE},
-progress AS (
-    INSERT INTO lesson_progress AS lp (user_id, course_id, lesson_id, bookmark, bookmarked_at)
-    SELECT $1::uuid, $2::uuid, $3::varchar, $4::text,
-           CASE WHEN $4::text IS NOT NULL THEN now() END
-    FROM lesson
-    ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
-    SET bookmark = EXCLUDED.bookmark, bookmarked_at = EXCLUDED.bookmarked_at,
-        last_accessed_at = clock_timestamp()
-    RETURNING {PROGRESS_COLUMNS}
-),
-{outbox_ctes("progress", f"VALUES ({EventKind.BOOKMARKED})")}
-SELECT * FROM progress
+SELECT {PROGRESS_COLUMNS} FROM lp_save_bookmark($1::uuid, $2::uuid, $3::varchar, $4::text)
 """
+
+_ATTEMPT_COLUMNS = ", ".join(f"(r.progress).{c.strip()}" for c in PROGRESS_COLUMNS.split(","))
 
 RECORD_ATTEMPT = f"""
-WITH {LESSON_CTE}, {claim_cte("RecordAttempt")},
-outcome AS (
-    SELECT COALESCE($4::integer >= passing_score, false) AS passed FROM proceed
-),
-progress AS (
-    INSERT INTO lesson_progress AS lp
-        (user_id, course_id, lesson_id, attempts, score, completed, completed_at)
-    SELECT $1::uuid, $2::uuid, $3::varchar, 1, $4::integer, passed,
-           CASE WHEN passed THEN now() END
-    FROM outcome
-    ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
-    SET attempts = lp.attempts + 1,
-        score = GREATEST(lp.score, EXCLUDED.score),
-        completed = lp.completed OR EXCLUDED.completed,
-        completed_at = COALESCE(lp.completed_at, EXCLUDED.completed_at),
-        last_accessed_at = clock_timestamp()
-    RETURNING {PROGRESS_COLUMNS}
-),
--- clock_timestamp(), not now(): taken after the row lock, so attempt times follow attempt
--- numbers even when concurrent attempts started in another order.
-history AS (
-    INSERT INTO lesson_attempts
-        (user_id, course_id, lesson_id, attempt_number, score, request_id, attempted_at)
-    SELECT user_id, course_id, lesson_id, attempts, $4::integer, $5::uuid, clock_timestamp()
-    FROM progress
-),
-{_SYNC_COURSE_CTE},
-{outbox_ctes("progress", f"SELECT {EventKind.ATTEMPTED} UNION ALL {_COMPLETION_KINDS}")}
-SELECT progress.*, outcome.passed FROM progress, outcome
+SELECT {_ATTEMPT_COLUMNS}, r.passed
+FROM lp_record_attempt($1::uuid, $2::uuid, $3::varchar, $4::integer, $5::uuid) AS r
 """
 
-# A repeated completion updates nothing (the WHERE of DO UPDATE), unless its score is better.
+# A repeated completion updates nothing (no row), unless its score is better.
 COMPLETE_LESSON = f"""
-WITH {LESSON_CTE}, {claim_cte("CompleteLesson")},
-progress AS (
-    INSERT INTO lesson_progress AS lp
-        (user_id, course_id, lesson_id, completed, completed_at, score)
-    SELECT $1::uuid, $2::uuid, $3::varchar, true, now(), $4::integer FROM proceed
-    ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
-    SET completed = true,
-        completed_at = COALESCE(lp.completed_at, now()),
-        score = GREATEST(lp.score, EXCLUDED.score),
-        last_accessed_at = clock_timestamp()
-    WHERE NOT lp.completed OR GREATEST(lp.score, EXCLUDED.score) IS DISTINCT FROM lp.score
-    RETURNING {PROGRESS_COLUMNS}
-),
-{_SYNC_COURSE_CTE},
-{outbox_ctes("progress", _COMPLETION_KINDS)}
-SELECT * FROM progress
+SELECT {PROGRESS_COLUMNS}
+FROM lp_complete_lesson($1::uuid, $2::uuid, $3::varchar, $4::integer, $5::uuid)
 """
 
 # Keyset paging over (first_started_at, lesson_id); the primary key's (user_id, course_id)

@@ -93,7 +93,9 @@ class RecordTimeRequest(_message.Message):
     seconds: _builtins.int
     """Seconds to add, 1 to the server's maximum per heartbeat (300 by default)."""
     request_id: _builtins.str
-    """Optional idempotency key (AIP-155): a UUID. Empty means no deduplication."""
+    """Optional idempotency key (AIP-155): a UUID. Empty means no deduplication. Remembered
+    per learner and course: the same id in another course is a separate write.
+    """
     def __init__(
         self,
         *,
@@ -205,7 +207,9 @@ class RecordAttemptRequest(_message.Message):
     score: _builtins.int
     """The attempt's score, 0-100. Required."""
     request_id: _builtins.str
-    """Optional idempotency key (AIP-155): a UUID. Empty means no deduplication."""
+    """Optional idempotency key (AIP-155): a UUID. Empty means no deduplication. Remembered
+    per learner and course: the same id in another course is a separate write.
+    """
     def __init__(
         self,
         *,
@@ -275,7 +279,9 @@ class CompleteLessonRequest(_message.Message):
     without an assessment.
     """
     request_id: _builtins.str
-    """Optional idempotency key (AIP-155): a UUID. Empty means no deduplication."""
+    """Optional idempotency key (AIP-155): a UUID. Empty means no deduplication. Remembered
+    per learner and course: the same id in another course is a separate write.
+    """
     def __init__(
         self,
         *,
@@ -686,7 +692,8 @@ class WatchProgressRequest(_message.Message):
     """When set (a UUID), only this learner's events are delivered."""
     after_event_id: _builtins.int
     """When set (> 0), replay the course's events after this id first: the `event_id` of the
-    last event a previous watch delivered. 0 means only events committed from now on.
+    last event a previous watch delivered (1 replays all of the course's retained events).
+    0 means only events committed from now on.
     """
     def __init__(
         self,

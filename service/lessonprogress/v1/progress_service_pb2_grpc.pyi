@@ -37,9 +37,10 @@ class ProgressServiceStub:
 
     Every write creates the lesson's progress row if it does not exist yet, so a heartbeat
     that arrives before its StartLesson is not lost. Writes that carry a `request_id` are
-    applied at most once per learner: a retry with the same id returns the current state and
-    adds nothing. Ids are remembered for a retention window (24 hours by default). Reusing
-    an id for a different call (another method or lesson) gets INVALID_ARGUMENT.
+    applied at most once per learner and course: a retry with the same id returns the
+    current state and adds nothing. Ids are remembered for a retention window (24 hours by
+    default). Reusing an id for a different call in the same course (another method or
+    lesson) gets INVALID_ARGUMENT; the same id in another course is a separate write there.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
     "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
@@ -165,9 +166,10 @@ class ProgressServiceAsyncStub(ProgressServiceStub):
 
     Every write creates the lesson's progress row if it does not exist yet, so a heartbeat
     that arrives before its StartLesson is not lost. Writes that carry a `request_id` are
-    applied at most once per learner: a retry with the same id returns the current state and
-    adds nothing. Ids are remembered for a retention window (24 hours by default). Reusing
-    an id for a different call (another method or lesson) gets INVALID_ARGUMENT.
+    applied at most once per learner and course: a retry with the same id returns the
+    current state and adds nothing. Ids are remembered for a retention window (24 hours by
+    default). Reusing an id for a different call in the same course (another method or
+    lesson) gets INVALID_ARGUMENT; the same id in another course is a separate write there.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
     "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a
@@ -289,9 +291,10 @@ class ProgressServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Every write creates the lesson's progress row if it does not exist yet, so a heartbeat
     that arrives before its StartLesson is not lost. Writes that carry a `request_id` are
-    applied at most once per learner: a retry with the same id returns the current state and
-    adds nothing. Ids are remembered for a retention window (24 hours by default). Reusing
-    an id for a different call (another method or lesson) gets INVALID_ARGUMENT.
+    applied at most once per learner and course: a retry with the same id returns the
+    current state and adds nothing. Ids are remembered for a retention window (24 hours by
+    default). Reusing an id for a different call in the same course (another method or
+    lesson) gets INVALID_ARGUMENT; the same id in another course is a separate write there.
 
     Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
     "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a

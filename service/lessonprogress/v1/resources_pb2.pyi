@@ -359,8 +359,9 @@ class ProgressEvent(_message.Message):
     LESSON_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.int
-    """Identifier of the event. Within one course, ids increase in commit order, so a watcher
-    can resume after the last id it saw.
+    """Identifier of the event within its course (another course has its own numbering, so
+    the same id can appear there). Within one course, ids increase in commit order, so a
+    watcher can resume after the last id it saw; a course's first event has id 2 or more.
     """
     kind: Global___ProgressEventKind.ValueType
     """What happened."""

@@ -105,7 +105,8 @@ export type RecordTimeRequest = Message<"lessonprogress.v1.RecordTimeRequest"> &
   seconds: number;
 
   /**
-   * Optional idempotency key (AIP-155): a UUID. Empty means no deduplication.
+   * Optional idempotency key (AIP-155): a UUID. Empty means no deduplication. Remembered
+   * per learner and course: the same id in another course is a separate write.
    *
    * @generated from field: string request_id = 5;
    */
@@ -218,7 +219,8 @@ export type RecordAttemptRequest = Message<"lessonprogress.v1.RecordAttemptReque
   score?: number | undefined;
 
   /**
-   * Optional idempotency key (AIP-155): a UUID. Empty means no deduplication.
+   * Optional idempotency key (AIP-155): a UUID. Empty means no deduplication. Remembered
+   * per learner and course: the same id in another course is a separate write.
    *
    * @generated from field: string request_id = 5;
    */
@@ -296,7 +298,8 @@ export type CompleteLessonRequest = Message<"lessonprogress.v1.CompleteLessonReq
   score?: number | undefined;
 
   /**
-   * Optional idempotency key (AIP-155): a UUID. Empty means no deduplication.
+   * Optional idempotency key (AIP-155): a UUID. Empty means no deduplication. Remembered
+   * per learner and course: the same id in another course is a separate write.
    *
    * @generated from field: string request_id = 5;
    */
@@ -728,7 +731,8 @@ export type WatchProgressRequest = Message<"lessonprogress.v1.WatchProgressReque
 
   /**
    * When set (> 0), replay the course's events after this id first: the `event_id` of the
-   * last event a previous watch delivered. 0 means only events committed from now on.
+   * last event a previous watch delivered (1 replays all of the course's retained events).
+   * 0 means only events committed from now on.
    *
    * @generated from field: int64 after_event_id = 3;
    */
@@ -774,9 +778,10 @@ export const WatchProgressResponseSchema: GenMessage<WatchProgressResponse> = /*
  *
  * Every write creates the lesson's progress row if it does not exist yet, so a heartbeat
  * that arrives before its StartLesson is not lost. Writes that carry a `request_id` are
- * applied at most once per learner: a retry with the same id returns the current state and
- * adds nothing. Ids are remembered for a retention window (24 hours by default). Reusing
- * an id for a different call (another method or lesson) gets INVALID_ARGUMENT.
+ * applied at most once per learner and course: a retry with the same id returns the
+ * current state and adds nothing. Ids are remembered for a retention window (24 hours by
+ * default). Reusing an id for a different call in the same course (another method or
+ * lesson) gets INVALID_ARGUMENT; the same id in another course is a separate write there.
  *
  * Every error carries a google.rpc.Status with a google.rpc.ErrorInfo (domain
  * "lessonprogress.v1", an UPPER_SNAKE_CASE reason); INVALID_ARGUMENT also carries a

@@ -370,8 +370,9 @@ export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
  */
 export type ProgressEvent = Message<"lessonprogress.v1.ProgressEvent"> & {
   /**
-   * Identifier of the event. Within one course, ids increase in commit order, so a watcher
-   * can resume after the last id it saw.
+   * Identifier of the event within its course (another course has its own numbering, so
+   * the same id can appear there). Within one course, ids increase in commit order, so a
+   * watcher can resume after the last id it saw; a course's first event has id 2 or more.
    *
    * @generated from field: int64 event_id = 1;
    */
