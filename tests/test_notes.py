@@ -13,6 +13,7 @@ import asyncpg
 import grpc
 import pytest
 
+from lesson_progress.client import ProgressClient
 from lessonprogress.v1 import catalog_service_pb2 as cs
 from lessonprogress.v1 import catalog_service_pb2_grpc, progress_service_pb2_grpc, resources_pb2
 from lessonprogress.v1 import progress_service_pb2 as ps
@@ -428,3 +429,27 @@ async def test_note_bodies_never_reach_the_logs(database_url: str, tmp_path: Pat
     assert "UpdateNote" in log
     assert '"level": "DEBUG"' in log or '"level":"DEBUG"' in log  # ... at debug level
     assert secret not in log  # ... without their content
+
+
+async def test_typed_client_notes(running_server: Any, make_course: MakeCourse):
+    course = await make_course(2)
+    user = new_id()
+    async with ProgressClient(f"127.0.0.1:{running_server.port}") as client:
+        first = await client.create_note(
+            user_id=user, course_id=course.course_id, lesson_id="l1", body="a", anchor="p3"
+        )
+        second = await client.create_note(
+            user_id=user, course_id=course.course_id, lesson_id="l2", body="b"
+        )
+        changed = await client.update_note(
+            user_id=user, course_id=course.course_id, note_id=first.note_id, body="a2"
+        )
+        assert (changed.body, changed.anchor) == ("a2", "p3")
+        listed = [
+            n
+            async for n in client.iter_notes(user_id=user, course_id=course.course_id, page_size=1)
+        ]
+        assert [n.note_id for n in listed] == [second.note_id, first.note_id]
+        await client.delete_note(user_id=user, course_id=course.course_id, note_id=second.note_id)
+        page = await client.list_notes(user_id=user, course_id=course.course_id, lesson_id="l2")
+        assert list(page.notes) == []
