@@ -259,6 +259,16 @@ class Model:
             "started_at": min(row.first_started_micros for row in mine.values()),
             "last_accessed_at": max(row.last_accessed_micros for row in mine.values()),
             "course_completed": user in self.course_completed,
+            "next_lesson_id": next((lesson for lesson in self.outline if lesson not in done), ""),
+            "review_lesson_ids": [
+                lesson
+                for lesson in self.outline
+                if (spec := self.spec(lesson)).kind in ("graded", "assessed")
+                and spec.passing_score is not None
+                and (row := mine.get(lesson)) is not None
+                and row.score is not None
+                and row.score < spec.passing_score
+            ],
         }
 
 
@@ -294,6 +304,8 @@ def learner_as_dict(learner: resources_pb2.CourseProgress) -> dict[str, Any]:
         "started_at": int(learner.started_at.ToMicroseconds()),
         "last_accessed_at": int(learner.last_accessed_at.ToMicroseconds()),
         "course_completed": learner.HasField("completed_at"),
+        "next_lesson_id": learner.next_lesson_id,
+        "review_lesson_ids": list(learner.review_lesson_ids),
     }
 
 
@@ -802,6 +814,10 @@ async def test_course_learners_match_the_model(
     got = await course_learners(analytics, model.course_id, page_size)
     assert len(got) == len(model.users()) >= 45
     assert_learners(got, model)
+    # The seed reaches every case of what to study next.
+    assert any(learner.review_lesson_ids for learner in got)
+    assert any(not learner.next_lesson_id for learner in got) or not model.course_completed
+    assert len({learner.next_lesson_id for learner in got}) >= 2
 
 
 async def test_course_learners_agree_with_course_progress(

@@ -21,8 +21,9 @@ What the client does for every call:
 * **Retries.** ``UNAVAILABLE`` (the server or its database cannot be reached) and
   ``ABORTED`` (a write lost a race repeatedly) are retried up to ``retries`` times with
   exponential back-off and jitter; no other code is retried.
-* **Safe retries.** ``record_time``, ``record_attempt``, ``complete_lesson`` and every entry
-  of ``batch_record_time`` carry a ``request_id``. When the caller gives none, a fresh UUID is
+* **Safe retries.** ``record_time``, ``record_attempt``, ``complete_lesson``, the note writes
+  (``create_note``, ``update_note``, ``delete_note``) and every entry of
+  ``batch_record_time`` carry a ``request_id``. When the caller gives none, a fresh UUID is
   generated once per logical call and sent unchanged on every retry, so the service applies
   the write at most once even when an attempt committed but its response was lost.
 * **Authentication.** ``token`` is sent as ``authorization: Bearer <token>`` metadata.
@@ -91,6 +92,8 @@ __all__ = [
     "LessonStats",
     "ListAttemptsResponse",
     "ListLessonProgressResponse",
+    "ListNotesResponse",
+    "Note",
     "ProgressClient",
     "ProgressError",
     "ProgressEvent",
@@ -122,6 +125,8 @@ RecordAttemptResponse = progress_service_pb2.RecordAttemptResponse
 CompleteLessonResponse = progress_service_pb2.CompleteLessonResponse
 ListLessonProgressResponse = progress_service_pb2.ListLessonProgressResponse
 ListAttemptsResponse = progress_service_pb2.ListAttemptsResponse
+Note = resources_pb2.Note
+ListNotesResponse = progress_service_pb2.ListNotesResponse
 
 RequestT = TypeVar("RequestT", bound=protobuf_message.Message)
 ResponseT = TypeVar("ResponseT", bound=protobuf_message.Message)
@@ -247,7 +252,7 @@ def _heartbeat_request(entry: Heartbeat | RecordTimeRequest) -> RecordTimeReques
 # --- the client ------------------------------------------------------------------------------
 
 
-_Page = TypeVar("_Page", ListLessonProgressResponse, ListAttemptsResponse)
+_Page = TypeVar("_Page", ListLessonProgressResponse, ListAttemptsResponse, ListNotesResponse)
 
 
 async def _paged(
@@ -755,6 +760,117 @@ class ProgressClient:
         )
         response = await self._unary("SaveBookmark", self._progress.SaveBookmark, request, timeout)
         return response.lesson
+
+    async def create_note(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        lesson_id: str,
+        body: str,
+        anchor: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Note:
+        """Adds a private note to a lesson (body 1-10,000 characters, anchor at most 4 KiB).
+
+        ``request_id`` makes the write idempotent (a retry returns the same note); one is
+        generated if not given, and reused on every retry.
+        """
+        request = progress_service_pb2.CreateNoteRequest(
+            user_id=user_id,
+            course_id=course_id,
+            lesson_id=lesson_id,
+            anchor=anchor,
+            body=body,
+            request_id=_request_id(request_id),
+        )
+        response = await self._unary("CreateNote", self._progress.CreateNote, request, timeout)
+        return response.note
+
+    async def update_note(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        note_id: str,
+        body: str | None = None,
+        anchor: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Note:
+        """Changes a note's body and/or anchor (None keeps it); returns the note."""
+        request = progress_service_pb2.UpdateNoteRequest(
+            user_id=user_id,
+            course_id=course_id,
+            note_id=note_id,
+            anchor=anchor,
+            body=body,
+            request_id=_request_id(request_id),
+        )
+        response = await self._unary("UpdateNote", self._progress.UpdateNote, request, timeout)
+        return response.note
+
+    async def delete_note(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        note_id: str,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Deletes a note; a retried deletion (same request id) succeeds again."""
+        request = progress_service_pb2.DeleteNoteRequest(
+            user_id=user_id,
+            course_id=course_id,
+            note_id=note_id,
+            request_id=_request_id(request_id),
+        )
+        await self._unary("DeleteNote", self._progress.DeleteNote, request, timeout)
+
+    async def list_notes(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        lesson_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> ListNotesResponse:
+        """One page of a learner's notes in a course (or one lesson), newest first."""
+        request = progress_service_pb2.ListNotesRequest(
+            user_id=user_id,
+            course_id=course_id,
+            lesson_id=lesson_id,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._unary("ListNotes", self._progress.ListNotes, request, timeout)
+
+    async def iter_notes(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        lesson_id: str = "",
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Note]:
+        """Every note of a learner in a course (or one lesson), newest first, page by page."""
+        async for note in _paged(
+            lambda token: self.list_notes(
+                user_id=user_id,
+                course_id=course_id,
+                lesson_id=lesson_id,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+            ),
+            lambda page: page.notes,
+        ):
+            yield note
 
     def watch_progress(
         self,

@@ -57,6 +57,22 @@ def course_progress(user_id: str, course_id: str, row: Record) -> pb.CourseProgr
         last_accessed_at=timestamp(row["last_accessed_at"]),
         completed_at=timestamp(row["completed_at"]),
         last_lesson_bookmark=row["last_lesson_bookmark"] or "",
+        next_lesson_id=row["next_lesson_id"] or "",
+        review_lesson_ids=row["review_lesson_ids"],
+    )
+
+
+def note(row: Record) -> pb.Note:
+    """Note from a row with the note store's NOTE_COLUMNS."""
+    return pb.Note(
+        note_id=str(row["note_id"]),
+        user_id=str(row["user_id"]),
+        course_id=str(row["course_id"]),
+        lesson_id=row["lesson_id"],
+        anchor=row["anchor"],
+        body=row["body"],
+        created_at=timestamp(row["created_at"]),
+        updated_at=timestamp(row["updated_at"]),
     )
 
 

@@ -77,8 +77,10 @@ class RequestIdUse:
     def description(self) -> str:
         """What is wrong with the field: the one text for a reused request id."""
         where = f" in {self.within}" if self.within else ""
+        # UpdateNote and DeleteNote are remembered with their note in the lesson's place.
+        on = "note" if self.method in {"UpdateNote", "DeleteNote"} else "lesson"
         return (
-            f"was already used for a different call (first used for {self.method} on lesson "
+            f"was already used for a different call (first used for {self.method} on {on} "
             f"{self.lesson_id!r} of course {self.course_id}{where}); use a new request id "
             "for each call"
         )

@@ -12,12 +12,24 @@ import binascii
 import hashlib
 import hmac
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from lesson_progress.validation import Validator
 
 _MAC_BYTES = 16
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+RowT = TypeVar("RowT")
+
+
+def page_size(value: int, check: Validator) -> int:
+    """AIP-158 page size: 0 means the default, larger than the maximum means the maximum."""
+    if value < 0:
+        check.fail("page_size", f"must not be negative (got {value})")
+    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 class PageTokens:
@@ -55,3 +67,16 @@ class PageTokens:
         if not check.violations and issued_query != list(query):
             check.fail("page_token", "was issued for a different query; repeat that query")
         return list(position)
+
+    def split(
+        self,
+        rows: list[RowT],
+        size: int,
+        query: Sequence[object],
+        position: Callable[[RowT], Sequence[object]],
+    ) -> tuple[list[RowT], str]:
+        """The page of ``rows`` (fetched with limit size + 1) and the next page's token."""
+        if len(rows) <= size:
+            return rows, ""
+        rows = rows[:size]
+        return rows, self.issue(query, position(rows[-1]))

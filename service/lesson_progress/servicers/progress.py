@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from lesson_progress import convert, errors
-from lesson_progress.page_tokens import PageTokens
+from lesson_progress.page_tokens import PageTokens, page_size
+from lesson_progress.servicers.notes import NoteMethods
 from lesson_progress.store import ProgressStore
-from lesson_progress.store.database import Record
 from lesson_progress.store.events import EventStore
 from lesson_progress.store.heartbeats import HeartbeatStore
+from lesson_progress.store.notes import NoteStore
 from lesson_progress.store.progress import PageCursor
 from lesson_progress.timestamps import from_micros, to_micros
 from lesson_progress.validation import Validator
@@ -21,8 +22,6 @@ from lessonprogress.v1 import progress_service_pb2 as pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 MAX_BATCH = 1000
 MAX_BOOKMARK_BYTES = 4096
 
@@ -42,8 +41,8 @@ def _optional_score(request: Any, check: Validator) -> int | None:
     return check.in_range("score", request.score, 0, 100)
 
 
-class ProgressServicer:
-    """Implements lessonprogress.v1.ProgressService."""
+class ProgressServicer(NoteMethods):
+    """Implements lessonprogress.v1.ProgressService (the note methods: ``NoteMethods``)."""
 
     def __init__(
         self,
@@ -53,8 +52,10 @@ class ProgressServicer:
         tokens: PageTokens,
         *,
         max_heartbeat_seconds: int,
+        notes: NoteStore | None = None,
     ) -> None:
         self.store = store
+        self.notes = notes if notes is not None else NoteStore(store.database)
         self.heartbeats = heartbeats
         self.events = events
         self.tokens = tokens
@@ -150,7 +151,7 @@ class ProgressServicer:
         check = Validator()
         user_id = check.uuid("user_id", request.user_id)
         course_id = check.uuid("course_id", request.course_id)
-        page_size = _page_size(request.page_size, check)
+        size = page_size(request.page_size, check)
         query = ("ListLessonProgress", user_id, course_id, request.completed_only)
         position = self.tokens.parse(request.page_token, query, check)
         check.done()
@@ -160,30 +161,17 @@ class ProgressServicer:
             course_id,
             completed_only=request.completed_only,
             after=after,
-            limit=page_size + 1,
+            limit=size + 1,
         )
-        rows, next_token = self._split_page(
+        rows, next_token = self.tokens.split(
             rows,
-            page_size,
+            size,
             query,
             lambda last: (to_micros(last["first_started_at"]), last["lesson_id"]),
         )
         return pb.ListLessonProgressResponse(
             lessons=[convert.lesson_progress(r) for r in rows], next_page_token=next_token
         )
-
-    def _split_page(
-        self,
-        rows: list[Record],
-        page_size: int,
-        query: tuple[object, ...],
-        position: Callable[[Record], tuple[object, ...]],
-    ) -> tuple[list[Record], str]:
-        """The page (rows fetched with limit page_size + 1) and the next page's token."""
-        if len(rows) <= page_size:
-            return rows, ""
-        rows = rows[:page_size]
-        return rows, self.tokens.issue(query, position(rows[-1]))
 
     async def GetCourseProgress(
         self, request: pb.GetCourseProgressRequest, context: Context
@@ -202,14 +190,14 @@ class ProgressServicer:
         """Lists a lesson's attempt history, oldest first."""
         check = Validator()
         key = _lesson_key(request, check)
-        page_size = _page_size(request.page_size, check)
+        size = page_size(request.page_size, check)
         query = ("ListAttempts", *key)
         position = self.tokens.parse(request.page_token, query, check)
         check.done()
         after = position[0] if position else 0
-        rows = await self.store.list_attempts(*key, after=after, limit=page_size + 1)
-        rows, next_token = self._split_page(
-            rows, page_size, query, lambda last: (last["attempt_number"],)
+        rows = await self.store.list_attempts(*key, after=after, limit=size + 1)
+        rows, next_token = self.tokens.split(
+            rows, size, query, lambda last: (last["attempt_number"],)
         )
         return pb.ListAttemptsResponse(
             attempts=[convert.attempt(r) for r in rows], next_page_token=next_token
@@ -252,13 +240,6 @@ class ProgressServicer:
         check.done()
         deleted = await self.store.delete_user_progress(user_id)
         return pb.DeleteUserProgressResponse(deleted_lessons=deleted)
-
-
-def _page_size(value: int, check: Validator) -> int:
-    """AIP-158 page size: 0 means the default, larger than the maximum means the maximum."""
-    if value < 0:
-        check.fail("page_size", f"must not be negative (got {value})")
-    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def _check_batch_request_ids(beats: list[Heartbeat], check: Validator) -> None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from lesson_progress.store.checks import ensure_course
 from lesson_progress.store.database import Database, Record
-from lesson_progress.store.progress import LEARNER_AGGREGATES
+from lesson_progress.store.progress import LEARNER_AGGREGATES, outline_ctes, outline_walk
 
 _BUCKETS = ",\n".join(
     f"        count(*) FILTER (WHERE score >= {low} AND score < {low + 10})"
@@ -79,13 +79,11 @@ ORDER BY avg(p.attempts) DESC, p.lesson_id
 """
 
 # One row per learner in user_id order. lesson_progress_course_user_idx delivers the rows
-# already grouped and ordered by learner, so the aggregate streams without a sort, and the
-# outline is read once per learner from a small CTE.
+# already grouped and ordered by learner, so the aggregate streams without a sort; the
+# outline and its pass marks are read once, and each learner's completed list is walked
+# over the outline once (completed lessons and the next lesson in the same pass).
 COURSE_LEARNERS = f"""
-WITH outline AS MATERIALIZED (
-    SELECT lesson_id, position FROM lessons
-    WHERE course_id = $1::uuid AND position IS NOT NULL
-),
+WITH {outline_ctes("$1::uuid")},
 learners AS (
     SELECT user_id, {LEARNER_AGGREGATES}
     FROM lesson_progress
@@ -94,13 +92,12 @@ learners AS (
 )
 SELECT l.user_id::text AS user_id, l.total_time_spent_seconds, l.started_at,
        l.last_accessed_at, l.last_lesson_id, l.last_lesson_bookmark, cp.completed_at,
-       ARRAY(
-           SELECT o.lesson_id FROM outline o
-           WHERE cp.completed_lessons ? o.lesson_id ORDER BY o.position
-       ) AS completed_lesson_ids,
+       w.completed_lesson_ids, w.next_lesson_id,
+       COALESCE(l.review_lesson_ids, '{{}}') AS review_lesson_ids,
        (SELECT count(*) FROM outline) AS total_lessons
 FROM learners l
 LEFT JOIN course_progress cp ON cp.user_id = l.user_id AND cp.course_id = $1::uuid
+CROSS JOIN LATERAL ({outline_walk("cp.completed_lessons")}) w
 ORDER BY l.user_id
 """
 

@@ -70,23 +70,67 @@ ORDER BY p.first_started_at, p.lesson_id
 LIMIT $6
 """
 
-# One learner's figures over their lesson rows of a course (GetCourseProgress, and per
-# learner in StreamCourseLearners). The resume point is the most recently touched lesson.
+# --- Course progress and what to study next (GetCourseProgress, CompleteLesson, and per
+# learner in StreamCourseLearners): one definition, used by both queries.
+
+
+def outline_ctes(course_id: str) -> str:
+    """CTEs over the current outline of course ``course_id`` (an SQL expression):
+    ``outline`` (lesson_id, position) and ``pass_marks``, one row whose jsonb object ``marks``
+    maps each assessed lesson with a passing score to ``[position, passing_score]``, so that
+    a learner's lesson rows find their pass mark by a lookup instead of a join."""
+    return f"""
+outline AS MATERIALIZED (
+    SELECT lesson_id, position FROM lessons
+    WHERE course_id = {course_id} AND position IS NOT NULL
+),
+pass_marks AS MATERIALIZED (
+    SELECT COALESCE(jsonb_object_agg(lesson_id, jsonb_build_array(position, passing_score)),
+                    '{{}}') AS marks
+    FROM lessons
+    WHERE course_id = {course_id} AND position IS NOT NULL AND assessed
+      AND passing_score IS NOT NULL
+)"""
+
+
+# One learner's figures over their lesson rows of a course (needs ``outline_ctes``). The
+# resume point is the most recently touched lesson. Lessons to review are the assessed
+# lessons of the current outline whose best score is below their passing score, in outline
+# order; a lesson without a score is not one (it is new, not failed), nor is a lesson left
+# out of the outline (it has no pass mark). The pass marks are read once per query (an
+# InitPlan), so the aggregate stays a single pass over the learner's rows in index order.
 LEARNER_AGGREGATES = """
     sum(time_spent_seconds) AS total_time_spent_seconds,
     min(first_started_at) AS started_at,
     max(last_accessed_at) AS last_accessed_at,
     (array_agg(lesson_id ORDER BY last_accessed_at DESC, lesson_id))[1] AS last_lesson_id,
-    (array_agg(bookmark ORDER BY last_accessed_at DESC, lesson_id))[1] AS last_lesson_bookmark
+    (array_agg(bookmark ORDER BY last_accessed_at DESC, lesson_id))[1] AS last_lesson_bookmark,
+    array_agg(lesson_id ORDER BY ((SELECT marks FROM pass_marks) -> lesson_id ->> 0)::integer)
+        FILTER (WHERE score < ((SELECT marks FROM pass_marks) -> lesson_id ->> 1)::integer)
+        AS review_lesson_ids
 """
+
+
+def outline_walk(completed_lessons: str) -> str:
+    """One pass over ``outline`` for a learner whose completed list is the jsonb array
+    ``completed_lessons`` (an SQL expression; NULL for none): the completed lessons of the
+    outline in outline order, and the next lesson, the first one not completed (NULL when
+    every lesson is)."""
+    return f"""
+    SELECT COALESCE(array_agg(o.lesson_id ORDER BY o.position) FILTER (WHERE d.done), '{{}}')
+               AS completed_lesson_ids,
+           (array_agg(o.lesson_id ORDER BY o.position) FILTER (WHERE NOT d.done))[1]
+               AS next_lesson_id
+    FROM outline o
+    CROSS JOIN LATERAL (
+        SELECT COALESCE({completed_lessons} ? o.lesson_id, false) AS done
+    ) d"""
+
 
 # Course progress against the current outline. Time, start and last access come from the
 # lesson rows (at most one per lesson), so heartbeats never have to touch the course row.
 GET_COURSE_PROGRESS = f"""
-WITH outline AS (
-    SELECT lesson_id, position FROM lessons
-    WHERE course_id = $2::uuid AND position IS NOT NULL
-),
+WITH {outline_ctes("$2::uuid")},
 course_row AS (
     SELECT completed_lessons, completed_at FROM course_progress
     WHERE user_id = $1::uuid AND course_id = $2::uuid
@@ -95,23 +139,22 @@ lesson_rows AS (
     SELECT {LEARNER_AGGREGATES}
     FROM lesson_progress WHERE user_id = $1::uuid AND course_id = $2::uuid
 ),
-done AS (
-    SELECT array_agg(o.lesson_id ORDER BY o.position) AS ids
-    FROM outline o, course_row c WHERE c.completed_lessons ? o.lesson_id
-)
+walk AS ({outline_walk("(SELECT completed_lessons FROM course_row)")})
 SELECT EXISTS (SELECT FROM courses WHERE course_id = $2::uuid) AS course_exists,
-       COALESCE(done.ids, '{{}}') AS completed_lesson_ids,
+       walk.completed_lesson_ids, walk.next_lesson_id,
+       COALESCE(lesson_rows.review_lesson_ids, '{{}}') AS review_lesson_ids,
        (SELECT count(*) FROM outline) AS total_lessons,
        COALESCE(lesson_rows.total_time_spent_seconds, 0) AS total_time_spent_seconds,
        lesson_rows.started_at, lesson_rows.last_accessed_at, lesson_rows.last_lesson_id,
        lesson_rows.last_lesson_bookmark,
        (SELECT completed_at FROM course_row) AS completed_at
-FROM lesson_rows, done
+FROM lesson_rows, walk
 """
 
 # Everything held about a learner; attempts go with their lesson rows (ON DELETE CASCADE).
 DELETE_USER_PROGRESS = """
 WITH courses_gone AS (DELETE FROM course_progress WHERE user_id = $1::uuid),
+     notes_gone AS (DELETE FROM lesson_notes WHERE user_id = $1::uuid),
      requests_gone AS (DELETE FROM processed_requests WHERE user_id = $1::uuid),
      events_gone AS (DELETE FROM progress_events WHERE user_id = $1::uuid),
      lessons_gone AS (DELETE FROM lesson_progress WHERE user_id = $1::uuid RETURNING 1)

@@ -733,3 +733,273 @@ class WatchProgressResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchProgressResponse: _TypeAlias = WatchProgressResponse  # noqa: Y015
+
+@_typing.final
+class CreateNoteRequest(_message.Message):
+    """Request of CreateNote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    LESSON_ID_FIELD_NUMBER: _builtins.int
+    ANCHOR_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The learner: a UUID."""
+    course_id: _builtins.str
+    """The course: a UUID of a registered course."""
+    lesson_id: _builtins.str
+    """The lesson: an id in the course's current outline."""
+    anchor: _builtins.str
+    """Where in the lesson the note belongs: an opaque string of at most 4,096 bytes of UTF-8,
+    without NUL characters. May be empty.
+    """
+    body: _builtins.str
+    """The text of the note: 1 to 10,000 characters (Unicode code points), without NUL
+    characters. Required.
+    """
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): a UUID. Empty means no deduplication."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        course_id: _builtins.str = ...,
+        lesson_id: _builtins.str = ...,
+        anchor: _builtins.str = ...,
+        body: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "body", b"body", "course_id", b"course_id", "lesson_id", b"lesson_id", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateNoteRequest: _TypeAlias = CreateNoteRequest  # noqa: Y015
+
+@_typing.final
+class CreateNoteResponse(_message.Message):
+    """Response of CreateNote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def note(self) -> _resources_pb2.Note:
+        """The note as stored, with its server-assigned `note_id`."""
+
+    def __init__(
+        self,
+        *,
+        note: _resources_pb2.Note | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["note", b"note"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateNoteResponse: _TypeAlias = CreateNoteResponse  # noqa: Y015
+
+@_typing.final
+class UpdateNoteRequest(_message.Message):
+    """Request of UpdateNote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    NOTE_ID_FIELD_NUMBER: _builtins.int
+    ANCHOR_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The learner who wrote the note: a UUID."""
+    course_id: _builtins.str
+    """The course: a UUID of a registered course."""
+    note_id: _builtins.str
+    """The note: the UUID CreateNote returned."""
+    anchor: _builtins.str
+    """The new anchor, as for CreateNote (at most 4,096 bytes; empty clears it). Unset keeps
+    the current anchor.
+    """
+    body: _builtins.str
+    """The new body, as for CreateNote (1 to 10,000 characters). Unset keeps the current body.
+    At least one of `anchor` and `body` must be set.
+    """
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): a UUID. Empty means no deduplication."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        course_id: _builtins.str = ...,
+        note_id: _builtins.str = ...,
+        anchor: _builtins.str | None = ...,
+        body: _builtins.str | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_anchor", b"_anchor", "_body", b"_body", "anchor", b"anchor", "body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_anchor", b"_anchor", "_body", b"_body", "anchor", b"anchor", "body", b"body", "course_id", b"course_id", "note_id", b"note_id", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__anchor: _TypeAlias = _typing.Literal["anchor"]  # noqa: Y015
+    _WhichOneofArgType__anchor: _TypeAlias = _typing.Literal["_anchor", b"_anchor"]  # noqa: Y015
+    _WhichOneofReturnType__body: _TypeAlias = _typing.Literal["body"]  # noqa: Y015
+    _WhichOneofArgType__body: _TypeAlias = _typing.Literal["_body", b"_body"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__anchor) -> _WhichOneofReturnType__anchor | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__body) -> _WhichOneofReturnType__body | None: ...
+
+Global___UpdateNoteRequest: _TypeAlias = UpdateNoteRequest  # noqa: Y015
+
+@_typing.final
+class UpdateNoteResponse(_message.Message):
+    """Response of UpdateNote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def note(self) -> _resources_pb2.Note:
+        """The note after the change."""
+
+    def __init__(
+        self,
+        *,
+        note: _resources_pb2.Note | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["note", b"note"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNoteResponse: _TypeAlias = UpdateNoteResponse  # noqa: Y015
+
+@_typing.final
+class DeleteNoteRequest(_message.Message):
+    """Request of DeleteNote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    NOTE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The learner who wrote the note: a UUID."""
+    course_id: _builtins.str
+    """The course: a UUID of a registered course."""
+    note_id: _builtins.str
+    """The note: the UUID CreateNote returned."""
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155): a UUID. Empty means no deduplication."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        course_id: _builtins.str = ...,
+        note_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "note_id", b"note_id", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteNoteRequest: _TypeAlias = DeleteNoteRequest  # noqa: Y015
+
+@_typing.final
+class DeleteNoteResponse(_message.Message):
+    """Response of DeleteNote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteNoteResponse: _TypeAlias = DeleteNoteResponse  # noqa: Y015
+
+@_typing.final
+class ListNotesRequest(_message.Message):
+    """Request of ListNotes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    LESSON_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The learner: a UUID."""
+    course_id: _builtins.str
+    """The course: a UUID of a registered course."""
+    lesson_id: _builtins.str
+    """When set, only the notes on this lesson (an id in the course's current outline);
+    empty lists the notes of every lesson of the outline.
+    """
+    page_size: _builtins.int
+    """Maximum number of notes to return: 0 means 50, values above 500 are treated as 500,
+    negative values are rejected.
+    """
+    page_token: _builtins.str
+    """Token from a previous response's `next_page_token`; empty for the first page. The other
+    fields must match the request that produced it (page_size may change).
+    """
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        course_id: _builtins.str = ...,
+        lesson_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "lesson_id", b"lesson_id", "page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNotesRequest: _TypeAlias = ListNotesRequest  # noqa: Y015
+
+@_typing.final
+class ListNotesResponse(_message.Message):
+    """Response of ListNotes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when this is the last page."""
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Note]:
+        """The notes, newest first (by `created_at`, then `note_id`, both descending)."""
+
+    def __init__(
+        self,
+        *,
+        notes: _abc.Iterable[_resources_pb2.Note] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "notes", b"notes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNotesResponse: _TypeAlias = ListNotesResponse  # noqa: Y015

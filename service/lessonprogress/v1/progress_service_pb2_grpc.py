@@ -117,6 +117,26 @@ class ProgressServiceStub:
                 request_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressRequest.SerializeToString,
                 response_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressResponse.FromString,
                 _registered_method=True)
+        self.CreateNote = channel.unary_unary(
+                '/lessonprogress.v1.ProgressService/CreateNote',
+                request_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.CreateNoteRequest.SerializeToString,
+                response_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.CreateNoteResponse.FromString,
+                _registered_method=True)
+        self.UpdateNote = channel.unary_unary(
+                '/lessonprogress.v1.ProgressService/UpdateNote',
+                request_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.UpdateNoteRequest.SerializeToString,
+                response_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.UpdateNoteResponse.FromString,
+                _registered_method=True)
+        self.DeleteNote = channel.unary_unary(
+                '/lessonprogress.v1.ProgressService/DeleteNote',
+                request_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.DeleteNoteRequest.SerializeToString,
+                response_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.DeleteNoteResponse.FromString,
+                _registered_method=True)
+        self.ListNotes = channel.unary_unary(
+                '/lessonprogress.v1.ProgressService/ListNotes',
+                request_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.ListNotesRequest.SerializeToString,
+                response_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.ListNotesResponse.FromString,
+                _registered_method=True)
 
 
 class ProgressServiceServicer:
@@ -240,7 +260,7 @@ class ProgressServiceServicer:
 
     def DeleteUserProgress(self, request, context):
         """Erases everything held about a learner in every course: lesson progress, attempt
-        history, course progress and remembered request ids (right to erasure). Erasing a
+        history, course progress, notes and remembered request ids (right to erasure). Erasing a
         learner with no data succeeds and reports 0.
 
         Returns INVALID_ARGUMENT for a malformed user id.
@@ -285,6 +305,60 @@ class ProgressServiceServicer:
         slowly) were already removed by the retention window: start a new watch and reload
         state with GetCourseProgress. UNAVAILABLE when the server shuts down: reconnect with
         the last event id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateNote(self, request, context):
+        """Adds a private note to a lesson of the learner's course. The server assigns the note id.
+        With a `request_id`, a retry returns the note the first call created instead of adding
+        a second one.
+
+        Returns INVALID_ARGUMENT for a malformed identifier, an anchor over 4 KiB (4,096 bytes
+        of UTF-8), a body that is empty or over 10,000 characters, NUL characters in either,
+        or a request id first used for a different call; NOT_FOUND if the course is not
+        registered or the lesson is not in its outline (or, for a retry, if the note the first
+        call created was deleted since).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateNote(self, request, context):
+        """Changes the anchor, the body or both of one of the learner's notes; fields left unset
+        keep their value. With a `request_id`, a retry changes nothing and returns the note as
+        it stands.
+
+        Returns INVALID_ARGUMENT for a malformed identifier, neither field set, an anchor or
+        body out of bounds (as for CreateNote), or a request id first used for a different
+        call; NOT_FOUND if the course is not registered, the note does not exist or belongs to
+        another learner, or its lesson is no longer in the course's outline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNote(self, request, context):
+        """Deletes one of the learner's notes. With a `request_id`, a retry of a deletion that
+        succeeded succeeds again.
+
+        Returns INVALID_ARGUMENT for a malformed identifier or a request id first used for a
+        different call; NOT_FOUND if the course is not registered, the note does not exist or
+        belongs to another learner, or its lesson is no longer in the course's outline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNotes(self, request, context):
+        """Lists one learner's notes in a course, or in one lesson of it, newest first (by
+        `created_at`, then `note_id`; AIP-158 paging). Notes on lessons that are no longer in
+        the outline are not listed (they come back if the lesson does).
+
+        Returns INVALID_ARGUMENT for a malformed identifier, a negative page size, or a page
+        token that was not issued for this query; NOT_FOUND if the course is not registered or
+        the given lesson is not in its outline. No notes gives an empty list.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -352,6 +426,26 @@ def add_ProgressServiceServicer_to_server(servicer, server):
                     servicer.WatchProgress,
                     request_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressRequest.FromString,
                     response_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressResponse.SerializeToString,
+            ),
+            'CreateNote': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateNote,
+                    request_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.CreateNoteRequest.FromString,
+                    response_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.CreateNoteResponse.SerializeToString,
+            ),
+            'UpdateNote': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNote,
+                    request_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.UpdateNoteRequest.FromString,
+                    response_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.UpdateNoteResponse.SerializeToString,
+            ),
+            'DeleteNote': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNote,
+                    request_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.DeleteNoteRequest.FromString,
+                    response_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.DeleteNoteResponse.SerializeToString,
+            ),
+            'ListNotes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNotes,
+                    request_deserializer=lessonprogress_dot_v1_dot_progress__service__pb2.ListNotesRequest.FromString,
+                    response_serializer=lessonprogress_dot_v1_dot_progress__service__pb2.ListNotesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -701,6 +795,114 @@ class ProgressService:
             '/lessonprogress.v1.ProgressService/WatchProgress',
             lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressRequest.SerializeToString,
             lessonprogress_dot_v1_dot_progress__service__pb2.WatchProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateNote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lessonprogress.v1.ProgressService/CreateNote',
+            lessonprogress_dot_v1_dot_progress__service__pb2.CreateNoteRequest.SerializeToString,
+            lessonprogress_dot_v1_dot_progress__service__pb2.CreateNoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lessonprogress.v1.ProgressService/UpdateNote',
+            lessonprogress_dot_v1_dot_progress__service__pb2.UpdateNoteRequest.SerializeToString,
+            lessonprogress_dot_v1_dot_progress__service__pb2.UpdateNoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lessonprogress.v1.ProgressService/DeleteNote',
+            lessonprogress_dot_v1_dot_progress__service__pb2.DeleteNoteRequest.SerializeToString,
+            lessonprogress_dot_v1_dot_progress__service__pb2.DeleteNoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNotes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lessonprogress.v1.ProgressService/ListNotes',
+            lessonprogress_dot_v1_dot_progress__service__pb2.ListNotesRequest.SerializeToString,
+            lessonprogress_dot_v1_dot_progress__service__pb2.ListNotesResponse.FromString,
             options,
             channel_credentials,
             insecure,

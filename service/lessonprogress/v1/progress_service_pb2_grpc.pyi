@@ -119,7 +119,7 @@ class ProgressServiceStub:
     """
     DeleteUserProgress: _grpc.UnaryUnaryMultiCallable[_progress_service_pb2.DeleteUserProgressRequest, _progress_service_pb2.DeleteUserProgressResponse]
     """Erases everything held about a learner in every course: lesson progress, attempt
-    history, course progress and remembered request ids (right to erasure). Erasing a
+    history, course progress, notes and remembered request ids (right to erasure). Erasing a
     learner with no data succeeds and reports 0.
 
     Returns INVALID_ARGUMENT for a malformed user id.
@@ -152,6 +152,44 @@ class ProgressServiceStub:
     slowly) were already removed by the retention window: start a new watch and reload
     state with GetCourseProgress. UNAVAILABLE when the server shuts down: reconnect with
     the last event id.
+    """
+    CreateNote: _grpc.UnaryUnaryMultiCallable[_progress_service_pb2.CreateNoteRequest, _progress_service_pb2.CreateNoteResponse]
+    """Adds a private note to a lesson of the learner's course. The server assigns the note id.
+    With a `request_id`, a retry returns the note the first call created instead of adding
+    a second one.
+
+    Returns INVALID_ARGUMENT for a malformed identifier, an anchor over 4 KiB (4,096 bytes
+    of UTF-8), a body that is empty or over 10,000 characters, NUL characters in either,
+    or a request id first used for a different call; NOT_FOUND if the course is not
+    registered or the lesson is not in its outline (or, for a retry, if the note the first
+    call created was deleted since).
+    """
+    UpdateNote: _grpc.UnaryUnaryMultiCallable[_progress_service_pb2.UpdateNoteRequest, _progress_service_pb2.UpdateNoteResponse]
+    """Changes the anchor, the body or both of one of the learner's notes; fields left unset
+    keep their value. With a `request_id`, a retry changes nothing and returns the note as
+    it stands.
+
+    Returns INVALID_ARGUMENT for a malformed identifier, neither field set, an anchor or
+    body out of bounds (as for CreateNote), or a request id first used for a different
+    call; NOT_FOUND if the course is not registered, the note does not exist or belongs to
+    another learner, or its lesson is no longer in the course's outline.
+    """
+    DeleteNote: _grpc.UnaryUnaryMultiCallable[_progress_service_pb2.DeleteNoteRequest, _progress_service_pb2.DeleteNoteResponse]
+    """Deletes one of the learner's notes. With a `request_id`, a retry of a deletion that
+    succeeded succeeds again.
+
+    Returns INVALID_ARGUMENT for a malformed identifier or a request id first used for a
+    different call; NOT_FOUND if the course is not registered, the note does not exist or
+    belongs to another learner, or its lesson is no longer in the course's outline.
+    """
+    ListNotes: _grpc.UnaryUnaryMultiCallable[_progress_service_pb2.ListNotesRequest, _progress_service_pb2.ListNotesResponse]
+    """Lists one learner's notes in a course, or in one lesson of it, newest first (by
+    `created_at`, then `note_id`; AIP-158 paging). Notes on lessons that are no longer in
+    the outline are not listed (they come back if the lesson does).
+
+    Returns INVALID_ARGUMENT for a malformed identifier, a negative page size, or a page
+    token that was not issued for this query; NOT_FOUND if the course is not registered or
+    the given lesson is not in its outline. No notes gives an empty list.
     """
 
 @_typing.type_check_only
@@ -245,7 +283,7 @@ class ProgressServiceAsyncStub(ProgressServiceStub):
     """
     DeleteUserProgress: _aio.UnaryUnaryMultiCallable[_progress_service_pb2.DeleteUserProgressRequest, _progress_service_pb2.DeleteUserProgressResponse]  # type: ignore[assignment]
     """Erases everything held about a learner in every course: lesson progress, attempt
-    history, course progress and remembered request ids (right to erasure). Erasing a
+    history, course progress, notes and remembered request ids (right to erasure). Erasing a
     learner with no data succeeds and reports 0.
 
     Returns INVALID_ARGUMENT for a malformed user id.
@@ -278,6 +316,44 @@ class ProgressServiceAsyncStub(ProgressServiceStub):
     slowly) were already removed by the retention window: start a new watch and reload
     state with GetCourseProgress. UNAVAILABLE when the server shuts down: reconnect with
     the last event id.
+    """
+    CreateNote: _aio.UnaryUnaryMultiCallable[_progress_service_pb2.CreateNoteRequest, _progress_service_pb2.CreateNoteResponse]  # type: ignore[assignment]
+    """Adds a private note to a lesson of the learner's course. The server assigns the note id.
+    With a `request_id`, a retry returns the note the first call created instead of adding
+    a second one.
+
+    Returns INVALID_ARGUMENT for a malformed identifier, an anchor over 4 KiB (4,096 bytes
+    of UTF-8), a body that is empty or over 10,000 characters, NUL characters in either,
+    or a request id first used for a different call; NOT_FOUND if the course is not
+    registered or the lesson is not in its outline (or, for a retry, if the note the first
+    call created was deleted since).
+    """
+    UpdateNote: _aio.UnaryUnaryMultiCallable[_progress_service_pb2.UpdateNoteRequest, _progress_service_pb2.UpdateNoteResponse]  # type: ignore[assignment]
+    """Changes the anchor, the body or both of one of the learner's notes; fields left unset
+    keep their value. With a `request_id`, a retry changes nothing and returns the note as
+    it stands.
+
+    Returns INVALID_ARGUMENT for a malformed identifier, neither field set, an anchor or
+    body out of bounds (as for CreateNote), or a request id first used for a different
+    call; NOT_FOUND if the course is not registered, the note does not exist or belongs to
+    another learner, or its lesson is no longer in the course's outline.
+    """
+    DeleteNote: _aio.UnaryUnaryMultiCallable[_progress_service_pb2.DeleteNoteRequest, _progress_service_pb2.DeleteNoteResponse]  # type: ignore[assignment]
+    """Deletes one of the learner's notes. With a `request_id`, a retry of a deletion that
+    succeeded succeeds again.
+
+    Returns INVALID_ARGUMENT for a malformed identifier or a request id first used for a
+    different call; NOT_FOUND if the course is not registered, the note does not exist or
+    belongs to another learner, or its lesson is no longer in the course's outline.
+    """
+    ListNotes: _aio.UnaryUnaryMultiCallable[_progress_service_pb2.ListNotesRequest, _progress_service_pb2.ListNotesResponse]  # type: ignore[assignment]
+    """Lists one learner's notes in a course, or in one lesson of it, newest first (by
+    `created_at`, then `note_id`; AIP-158 paging). Notes on lessons that are no longer in
+    the outline are not listed (they come back if the lesson does).
+
+    Returns INVALID_ARGUMENT for a malformed identifier, a negative page size, or a page
+    token that was not issued for this query; NOT_FOUND if the course is not registered or
+    the given lesson is not in its outline. No notes gives an empty list.
     """
 
 class ProgressServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -422,7 +498,7 @@ class ProgressServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_progress_service_pb2.DeleteUserProgressResponse, _abc.Awaitable[_progress_service_pb2.DeleteUserProgressResponse]]:
         """Erases everything held about a learner in every course: lesson progress, attempt
-        history, course progress and remembered request ids (right to erasure). Erasing a
+        history, course progress, notes and remembered request ids (right to erasure). Erasing a
         learner with no data succeeds and reports 0.
 
         Returns INVALID_ARGUMENT for a malformed user id.
@@ -473,6 +549,68 @@ class ProgressServiceServicer(metaclass=_abc_1.ABCMeta):
         slowly) were already removed by the retention window: start a new watch and reload
         state with GetCourseProgress. UNAVAILABLE when the server shuts down: reconnect with
         the last event id.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateNote(
+        self,
+        request: _progress_service_pb2.CreateNoteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_service_pb2.CreateNoteResponse, _abc.Awaitable[_progress_service_pb2.CreateNoteResponse]]:
+        """Adds a private note to a lesson of the learner's course. The server assigns the note id.
+        With a `request_id`, a retry returns the note the first call created instead of adding
+        a second one.
+
+        Returns INVALID_ARGUMENT for a malformed identifier, an anchor over 4 KiB (4,096 bytes
+        of UTF-8), a body that is empty or over 10,000 characters, NUL characters in either,
+        or a request id first used for a different call; NOT_FOUND if the course is not
+        registered or the lesson is not in its outline (or, for a retry, if the note the first
+        call created was deleted since).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateNote(
+        self,
+        request: _progress_service_pb2.UpdateNoteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_service_pb2.UpdateNoteResponse, _abc.Awaitable[_progress_service_pb2.UpdateNoteResponse]]:
+        """Changes the anchor, the body or both of one of the learner's notes; fields left unset
+        keep their value. With a `request_id`, a retry changes nothing and returns the note as
+        it stands.
+
+        Returns INVALID_ARGUMENT for a malformed identifier, neither field set, an anchor or
+        body out of bounds (as for CreateNote), or a request id first used for a different
+        call; NOT_FOUND if the course is not registered, the note does not exist or belongs to
+        another learner, or its lesson is no longer in the course's outline.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteNote(
+        self,
+        request: _progress_service_pb2.DeleteNoteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_service_pb2.DeleteNoteResponse, _abc.Awaitable[_progress_service_pb2.DeleteNoteResponse]]:
+        """Deletes one of the learner's notes. With a `request_id`, a retry of a deletion that
+        succeeded succeeds again.
+
+        Returns INVALID_ARGUMENT for a malformed identifier or a request id first used for a
+        different call; NOT_FOUND if the course is not registered, the note does not exist or
+        belongs to another learner, or its lesson is no longer in the course's outline.
+        """
+
+    @_abc_1.abstractmethod
+    def ListNotes(
+        self,
+        request: _progress_service_pb2.ListNotesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_service_pb2.ListNotesResponse, _abc.Awaitable[_progress_service_pb2.ListNotesResponse]]:
+        """Lists one learner's notes in a course, or in one lesson of it, newest first (by
+        `created_at`, then `note_id`; AIP-158 paging). Notes on lessons that are no longer in
+        the outline are not listed (they come back if the lesson does).
+
+        Returns INVALID_ARGUMENT for a malformed identifier, a negative page size, or a page
+        token that was not issued for this query; NOT_FOUND if the course is not registered or
+        the given lesson is not in its outline. No notes gives an empty list.
         """
 
 def add_ProgressServiceServicer_to_server(servicer: ProgressServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

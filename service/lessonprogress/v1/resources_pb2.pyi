@@ -250,6 +250,8 @@ class CourseProgress(_message.Message):
     LAST_ACCESSED_AT_FIELD_NUMBER: _builtins.int
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
     LAST_LESSON_BOOKMARK_FIELD_NUMBER: _builtins.int
+    NEXT_LESSON_ID_FIELD_NUMBER: _builtins.int
+    REVIEW_LESSON_IDS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The learner: a UUID in lowercase canonical form."""
     course_id: _builtins.str
@@ -268,6 +270,11 @@ class CourseProgress(_message.Message):
     """The lesson the learner touched most recently; empty when there is no progress."""
     last_lesson_bookmark: _builtins.str
     """The resume point: the bookmark saved in `last_lesson_id`; empty when none was saved."""
+    next_lesson_id: _builtins.str
+    """What to study next: the first lesson of the current outline, in outline order, that the
+    learner has not completed (whether or not they started it); empty when every lesson of
+    the outline is completed, or the outline is empty.
+    """
     @_builtins.property
     def completed_lesson_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Completed lessons of the current outline, in outline order, without duplicates."""
@@ -286,6 +293,16 @@ class CourseProgress(_message.Message):
         grows.
         """
 
+    @_builtins.property
+    def review_lesson_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Lessons to review: the assessed lessons of the current outline that have a passing
+        score and in which the learner's best score is below it, in outline order. Only lessons
+        with a score count (an attempt, or a completion that carried a score): a lesson the
+        learner has not been scored in yet is new, not failed, and `next_lesson_id` leads to
+        it. A lesson completed with a score below its passing score is listed. Empty when there
+        is nothing to review.
+        """
+
     def __init__(
         self,
         *,
@@ -301,14 +318,74 @@ class CourseProgress(_message.Message):
         last_accessed_at: _timestamp_pb2.Timestamp | None = ...,
         completed_at: _timestamp_pb2.Timestamp | None = ...,
         last_lesson_bookmark: _builtins.str = ...,
+        next_lesson_id: _builtins.str = ...,
+        review_lesson_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "last_accessed_at", b"last_accessed_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "completed_lesson_ids", b"completed_lesson_ids", "completed_lessons", b"completed_lessons", "course_id", b"course_id", "last_accessed_at", b"last_accessed_at", "last_lesson_bookmark", b"last_lesson_bookmark", "last_lesson_id", b"last_lesson_id", "progress_percentage", b"progress_percentage", "started_at", b"started_at", "total_lessons", b"total_lessons", "total_time_spent_seconds", b"total_time_spent_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "completed_lesson_ids", b"completed_lesson_ids", "completed_lessons", b"completed_lessons", "course_id", b"course_id", "last_accessed_at", b"last_accessed_at", "last_lesson_bookmark", b"last_lesson_bookmark", "last_lesson_id", b"last_lesson_id", "next_lesson_id", b"next_lesson_id", "progress_percentage", b"progress_percentage", "review_lesson_ids", b"review_lesson_ids", "started_at", b"started_at", "total_lessons", b"total_lessons", "total_time_spent_seconds", b"total_time_spent_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CourseProgress: _TypeAlias = CourseProgress  # noqa: Y015
+
+@_typing.final
+class Note(_message.Message):
+    """A learner's private note on a lesson (ProgressService.CreateNote and the other note
+    methods). Notes are only ever returned to calls that name their learner.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTE_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    COURSE_ID_FIELD_NUMBER: _builtins.int
+    LESSON_ID_FIELD_NUMBER: _builtins.int
+    ANCHOR_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    note_id: _builtins.str
+    """Identifier of the note: a UUID assigned by the server, in lowercase canonical form."""
+    user_id: _builtins.str
+    """The learner who wrote it: a UUID in lowercase canonical form."""
+    course_id: _builtins.str
+    """The course: a UUID in lowercase canonical form."""
+    lesson_id: _builtins.str
+    """The lesson the note is on, as registered in the course outline."""
+    anchor: _builtins.str
+    """Where in the lesson the note belongs: an opaque string of at most 4,096 bytes of UTF-8
+    (a video offset, a paragraph id), like a bookmark. Empty when the note has no anchor.
+    """
+    body: _builtins.str
+    """The text of the note: 1 to 10,000 characters (Unicode code points, not bytes)."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the note was created."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the note was last changed (equal to `created_at` until an UpdateNote)."""
+
+    def __init__(
+        self,
+        *,
+        note_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        course_id: _builtins.str = ...,
+        lesson_id: _builtins.str = ...,
+        anchor: _builtins.str = ...,
+        body: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "body", b"body", "course_id", b"course_id", "created_at", b"created_at", "lesson_id", b"lesson_id", "note_id", b"note_id", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Note: _TypeAlias = Note  # noqa: Y015
 
 @_typing.final
 class Attempt(_message.Message):

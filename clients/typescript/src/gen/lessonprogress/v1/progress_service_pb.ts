@@ -4,7 +4,7 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { Attempt, CourseProgress, LessonProgress, ProgressEvent } from "./resources_pb.js";
+import type { Attempt, CourseProgress, LessonProgress, Note, ProgressEvent } from "./resources_pb.js";
 import { file_lessonprogress_v1_resources } from "./resources_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file lessonprogress/v1/progress_service.proto.
  */
 export const file_lessonprogress_v1_progress_service: GenFile = /*@__PURE__*/
-  fileDesc("CihsZXNzb25wcm9ncmVzcy92MS9wcm9ncmVzc19zZXJ2aWNlLnByb3RvEhFsZXNzb25wcm9ncmVzcy52MSJLChJTdGFydExlc3NvblJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJIkgKE1N0YXJ0TGVzc29uUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MibwoRUmVjb3JkVGltZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEg8KB3NlY29uZHMYBCABKAUSEgoKcmVxdWVzdF9pZBgFIAEoCSJHChJSZWNvcmRUaW1lUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MiUAoWQmF0Y2hSZWNvcmRUaW1lUmVxdWVzdBI2CghyZXF1ZXN0cxgBIAMoCzIkLmxlc3NvbnByb2dyZXNzLnYxLlJlY29yZFRpbWVSZXF1ZXN0Ik0KF0JhdGNoUmVjb3JkVGltZVJlc3BvbnNlEjIKB2xlc3NvbnMYASADKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcyJ/ChRSZWNvcmRBdHRlbXB0UmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglsZXNzb25faWQYAyABKAkSEgoFc2NvcmUYBCABKAVIAIgBARISCgpyZXF1ZXN0X2lkGAUgASgJQggKBl9zY29yZSJaChVSZWNvcmRBdHRlbXB0UmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MSDgoGcGFzc2VkGAIgASgIIoABChVDb21wbGV0ZUxlc3NvblJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEhIKBXNjb3JlGAQgASgFSACIAQESEgoKcmVxdWVzdF9pZBgFIAEoCUIICgZfc2NvcmUifgoWQ29tcGxldGVMZXNzb25SZXNwb25zZRIxCgZsZXNzb24YASABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcxIxCgZjb3Vyc2UYAiABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5Db3Vyc2VQcm9ncmVzcyJRChhHZXRMZXNzb25Qcm9ncmVzc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJIk4KGUdldExlc3NvblByb2dyZXNzUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MifgoZTGlzdExlc3NvblByb2dyZXNzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCRIWCg5jb21wbGV0ZWRfb25seRgFIAEoCCJpChpMaXN0TGVzc29uUHJvZ3Jlc3NSZXNwb25zZRIyCgdsZXNzb25zGAEgAygLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIj4KGEdldENvdXJzZVByb2dyZXNzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCSJOChlHZXRDb3Vyc2VQcm9ncmVzc1Jlc3BvbnNlEjEKBmNvdXJzZRgBIAEoCzIhLmxlc3NvbnByb2dyZXNzLnYxLkNvdXJzZVByb2dyZXNzIiwKGURlbGV0ZVVzZXJQcm9ncmVzc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSI1ChpEZWxldGVVc2VyUHJvZ3Jlc3NSZXNwb25zZRIXCg9kZWxldGVkX2xlc3NvbnMYASABKAMicwoTTGlzdEF0dGVtcHRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglsZXNzb25faWQYAyABKAkSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiXQoUTGlzdEF0dGVtcHRzUmVzcG9uc2USLAoIYXR0ZW1wdHMYASADKAsyGi5sZXNzb25wcm9ncmVzcy52MS5BdHRlbXB0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJeChNTYXZlQm9va21hcmtSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJY291cnNlX2lkGAIgASgJEhEKCWxlc3Nvbl9pZBgDIAEoCRIQCghwb3NpdGlvbhgEIAEoCSJJChRTYXZlQm9va21hcmtSZXNwb25zZRIxCgZsZXNzb24YASABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcyJSChRXYXRjaFByb2dyZXNzUmVxdWVzdBIRCgljb3Vyc2VfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRIWCg5hZnRlcl9ldmVudF9pZBgDIAEoAyJIChVXYXRjaFByb2dyZXNzUmVzcG9uc2USLwoFZXZlbnQYASABKAsyIC5sZXNzb25wcm9ncmVzcy52MS5Qcm9ncmVzc0V2ZW50Mu0JCg9Qcm9ncmVzc1NlcnZpY2USXAoLU3RhcnRMZXNzb24SJS5sZXNzb25wcm9ncmVzcy52MS5TdGFydExlc3NvblJlcXVlc3QaJi5sZXNzb25wcm9ncmVzcy52MS5TdGFydExlc3NvblJlc3BvbnNlElkKClJlY29yZFRpbWUSJC5sZXNzb25wcm9ncmVzcy52MS5SZWNvcmRUaW1lUmVxdWVzdBolLmxlc3NvbnByb2dyZXNzLnYxLlJlY29yZFRpbWVSZXNwb25zZRJoCg9CYXRjaFJlY29yZFRpbWUSKS5sZXNzb25wcm9ncmVzcy52MS5CYXRjaFJlY29yZFRpbWVSZXF1ZXN0GioubGVzc29ucHJvZ3Jlc3MudjEuQmF0Y2hSZWNvcmRUaW1lUmVzcG9uc2USYgoNUmVjb3JkQXR0ZW1wdBInLmxlc3NvbnByb2dyZXNzLnYxLlJlY29yZEF0dGVtcHRSZXF1ZXN0GigubGVzc29ucHJvZ3Jlc3MudjEuUmVjb3JkQXR0ZW1wdFJlc3BvbnNlEmUKDkNvbXBsZXRlTGVzc29uEigubGVzc29ucHJvZ3Jlc3MudjEuQ29tcGxldGVMZXNzb25SZXF1ZXN0GikubGVzc29ucHJvZ3Jlc3MudjEuQ29tcGxldGVMZXNzb25SZXNwb25zZRJuChFHZXRMZXNzb25Qcm9ncmVzcxIrLmxlc3NvbnByb2dyZXNzLnYxLkdldExlc3NvblByb2dyZXNzUmVxdWVzdBosLmxlc3NvbnByb2dyZXNzLnYxLkdldExlc3NvblByb2dyZXNzUmVzcG9uc2UScQoSTGlzdExlc3NvblByb2dyZXNzEiwubGVzc29ucHJvZ3Jlc3MudjEuTGlzdExlc3NvblByb2dyZXNzUmVxdWVzdBotLmxlc3NvbnByb2dyZXNzLnYxLkxpc3RMZXNzb25Qcm9ncmVzc1Jlc3BvbnNlEm4KEUdldENvdXJzZVByb2dyZXNzEisubGVzc29ucHJvZ3Jlc3MudjEuR2V0Q291cnNlUHJvZ3Jlc3NSZXF1ZXN0GiwubGVzc29ucHJvZ3Jlc3MudjEuR2V0Q291cnNlUHJvZ3Jlc3NSZXNwb25zZRJxChJEZWxldGVVc2VyUHJvZ3Jlc3MSLC5sZXNzb25wcm9ncmVzcy52MS5EZWxldGVVc2VyUHJvZ3Jlc3NSZXF1ZXN0Gi0ubGVzc29ucHJvZ3Jlc3MudjEuRGVsZXRlVXNlclByb2dyZXNzUmVzcG9uc2USXwoMTGlzdEF0dGVtcHRzEiYubGVzc29ucHJvZ3Jlc3MudjEuTGlzdEF0dGVtcHRzUmVxdWVzdBonLmxlc3NvbnByb2dyZXNzLnYxLkxpc3RBdHRlbXB0c1Jlc3BvbnNlEl8KDFNhdmVCb29rbWFyaxImLmxlc3NvbnByb2dyZXNzLnYxLlNhdmVCb29rbWFya1JlcXVlc3QaJy5sZXNzb25wcm9ncmVzcy52MS5TYXZlQm9va21hcmtSZXNwb25zZRJkCg1XYXRjaFByb2dyZXNzEicubGVzc29ucHJvZ3Jlc3MudjEuV2F0Y2hQcm9ncmVzc1JlcXVlc3QaKC5sZXNzb25wcm9ncmVzcy52MS5XYXRjaFByb2dyZXNzUmVzcG9uc2UwAWIGcHJvdG8z", [file_lessonprogress_v1_resources]);
+  fileDesc("CihsZXNzb25wcm9ncmVzcy92MS9wcm9ncmVzc19zZXJ2aWNlLnByb3RvEhFsZXNzb25wcm9ncmVzcy52MSJLChJTdGFydExlc3NvblJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJIkgKE1N0YXJ0TGVzc29uUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MibwoRUmVjb3JkVGltZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEg8KB3NlY29uZHMYBCABKAUSEgoKcmVxdWVzdF9pZBgFIAEoCSJHChJSZWNvcmRUaW1lUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MiUAoWQmF0Y2hSZWNvcmRUaW1lUmVxdWVzdBI2CghyZXF1ZXN0cxgBIAMoCzIkLmxlc3NvbnByb2dyZXNzLnYxLlJlY29yZFRpbWVSZXF1ZXN0Ik0KF0JhdGNoUmVjb3JkVGltZVJlc3BvbnNlEjIKB2xlc3NvbnMYASADKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcyJ/ChRSZWNvcmRBdHRlbXB0UmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglsZXNzb25faWQYAyABKAkSEgoFc2NvcmUYBCABKAVIAIgBARISCgpyZXF1ZXN0X2lkGAUgASgJQggKBl9zY29yZSJaChVSZWNvcmRBdHRlbXB0UmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MSDgoGcGFzc2VkGAIgASgIIoABChVDb21wbGV0ZUxlc3NvblJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEhIKBXNjb3JlGAQgASgFSACIAQESEgoKcmVxdWVzdF9pZBgFIAEoCUIICgZfc2NvcmUifgoWQ29tcGxldGVMZXNzb25SZXNwb25zZRIxCgZsZXNzb24YASABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcxIxCgZjb3Vyc2UYAiABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5Db3Vyc2VQcm9ncmVzcyJRChhHZXRMZXNzb25Qcm9ncmVzc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJIk4KGUdldExlc3NvblByb2dyZXNzUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MifgoZTGlzdExlc3NvblByb2dyZXNzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCRIWCg5jb21wbGV0ZWRfb25seRgFIAEoCCJpChpMaXN0TGVzc29uUHJvZ3Jlc3NSZXNwb25zZRIyCgdsZXNzb25zGAEgAygLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIj4KGEdldENvdXJzZVByb2dyZXNzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCSJOChlHZXRDb3Vyc2VQcm9ncmVzc1Jlc3BvbnNlEjEKBmNvdXJzZRgBIAEoCzIhLmxlc3NvbnByb2dyZXNzLnYxLkNvdXJzZVByb2dyZXNzIiwKGURlbGV0ZVVzZXJQcm9ncmVzc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSI1ChpEZWxldGVVc2VyUHJvZ3Jlc3NSZXNwb25zZRIXCg9kZWxldGVkX2xlc3NvbnMYASABKAMicwoTTGlzdEF0dGVtcHRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglsZXNzb25faWQYAyABKAkSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiXQoUTGlzdEF0dGVtcHRzUmVzcG9uc2USLAoIYXR0ZW1wdHMYASADKAsyGi5sZXNzb25wcm9ncmVzcy52MS5BdHRlbXB0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJeChNTYXZlQm9va21hcmtSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJY291cnNlX2lkGAIgASgJEhEKCWxlc3Nvbl9pZBgDIAEoCRIQCghwb3NpdGlvbhgEIAEoCSJJChRTYXZlQm9va21hcmtSZXNwb25zZRIxCgZsZXNzb24YASABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcyJSChRXYXRjaFByb2dyZXNzUmVxdWVzdBIRCgljb3Vyc2VfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRIWCg5hZnRlcl9ldmVudF9pZBgDIAEoAyJIChVXYXRjaFByb2dyZXNzUmVzcG9uc2USLwoFZXZlbnQYASABKAsyIC5sZXNzb25wcm9ncmVzcy52MS5Qcm9ncmVzc0V2ZW50InwKEUNyZWF0ZU5vdGVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJY291cnNlX2lkGAIgASgJEhEKCWxlc3Nvbl9pZBgDIAEoCRIOCgZhbmNob3IYBCABKAkSDAoEYm9keRgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgJIjsKEkNyZWF0ZU5vdGVSZXNwb25zZRIlCgRub3RlGAEgASgLMhcubGVzc29ucHJvZ3Jlc3MudjEuTm90ZSKYAQoRVXBkYXRlTm90ZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSDwoHbm90ZV9pZBgDIAEoCRITCgZhbmNob3IYBCABKAlIAIgBARIRCgRib2R5GAUgASgJSAGIAQESEgoKcmVxdWVzdF9pZBgGIAEoCUIJCgdfYW5jaG9yQgcKBV9ib2R5IjsKElVwZGF0ZU5vdGVSZXNwb25zZRIlCgRub3RlGAEgASgLMhcubGVzc29ucHJvZ3Jlc3MudjEuTm90ZSJcChFEZWxldGVOb3RlUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIPCgdub3RlX2lkGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkiFAoSRGVsZXRlTm90ZVJlc3BvbnNlInAKEExpc3ROb3Rlc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIlQKEUxpc3ROb3Rlc1Jlc3BvbnNlEiYKBW5vdGVzGAEgAygLMhcubGVzc29ucHJvZ3Jlc3MudjEuTm90ZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAky1gwKD1Byb2dyZXNzU2VydmljZRJcCgtTdGFydExlc3NvbhIlLmxlc3NvbnByb2dyZXNzLnYxLlN0YXJ0TGVzc29uUmVxdWVzdBomLmxlc3NvbnByb2dyZXNzLnYxLlN0YXJ0TGVzc29uUmVzcG9uc2USWQoKUmVjb3JkVGltZRIkLmxlc3NvbnByb2dyZXNzLnYxLlJlY29yZFRpbWVSZXF1ZXN0GiUubGVzc29ucHJvZ3Jlc3MudjEuUmVjb3JkVGltZVJlc3BvbnNlEmgKD0JhdGNoUmVjb3JkVGltZRIpLmxlc3NvbnByb2dyZXNzLnYxLkJhdGNoUmVjb3JkVGltZVJlcXVlc3QaKi5sZXNzb25wcm9ncmVzcy52MS5CYXRjaFJlY29yZFRpbWVSZXNwb25zZRJiCg1SZWNvcmRBdHRlbXB0EicubGVzc29ucHJvZ3Jlc3MudjEuUmVjb3JkQXR0ZW1wdFJlcXVlc3QaKC5sZXNzb25wcm9ncmVzcy52MS5SZWNvcmRBdHRlbXB0UmVzcG9uc2USZQoOQ29tcGxldGVMZXNzb24SKC5sZXNzb25wcm9ncmVzcy52MS5Db21wbGV0ZUxlc3NvblJlcXVlc3QaKS5sZXNzb25wcm9ncmVzcy52MS5Db21wbGV0ZUxlc3NvblJlc3BvbnNlEm4KEUdldExlc3NvblByb2dyZXNzEisubGVzc29ucHJvZ3Jlc3MudjEuR2V0TGVzc29uUHJvZ3Jlc3NSZXF1ZXN0GiwubGVzc29ucHJvZ3Jlc3MudjEuR2V0TGVzc29uUHJvZ3Jlc3NSZXNwb25zZRJxChJMaXN0TGVzc29uUHJvZ3Jlc3MSLC5sZXNzb25wcm9ncmVzcy52MS5MaXN0TGVzc29uUHJvZ3Jlc3NSZXF1ZXN0Gi0ubGVzc29ucHJvZ3Jlc3MudjEuTGlzdExlc3NvblByb2dyZXNzUmVzcG9uc2USbgoRR2V0Q291cnNlUHJvZ3Jlc3MSKy5sZXNzb25wcm9ncmVzcy52MS5HZXRDb3Vyc2VQcm9ncmVzc1JlcXVlc3QaLC5sZXNzb25wcm9ncmVzcy52MS5HZXRDb3Vyc2VQcm9ncmVzc1Jlc3BvbnNlEnEKEkRlbGV0ZVVzZXJQcm9ncmVzcxIsLmxlc3NvbnByb2dyZXNzLnYxLkRlbGV0ZVVzZXJQcm9ncmVzc1JlcXVlc3QaLS5sZXNzb25wcm9ncmVzcy52MS5EZWxldGVVc2VyUHJvZ3Jlc3NSZXNwb25zZRJfCgxMaXN0QXR0ZW1wdHMSJi5sZXNzb25wcm9ncmVzcy52MS5MaXN0QXR0ZW1wdHNSZXF1ZXN0GicubGVzc29ucHJvZ3Jlc3MudjEuTGlzdEF0dGVtcHRzUmVzcG9uc2USXwoMU2F2ZUJvb2ttYXJrEiYubGVzc29ucHJvZ3Jlc3MudjEuU2F2ZUJvb2ttYXJrUmVxdWVzdBonLmxlc3NvbnByb2dyZXNzLnYxLlNhdmVCb29rbWFya1Jlc3BvbnNlEmQKDVdhdGNoUHJvZ3Jlc3MSJy5sZXNzb25wcm9ncmVzcy52MS5XYXRjaFByb2dyZXNzUmVxdWVzdBooLmxlc3NvbnByb2dyZXNzLnYxLldhdGNoUHJvZ3Jlc3NSZXNwb25zZTABElkKCkNyZWF0ZU5vdGUSJC5sZXNzb25wcm9ncmVzcy52MS5DcmVhdGVOb3RlUmVxdWVzdBolLmxlc3NvbnByb2dyZXNzLnYxLkNyZWF0ZU5vdGVSZXNwb25zZRJZCgpVcGRhdGVOb3RlEiQubGVzc29ucHJvZ3Jlc3MudjEuVXBkYXRlTm90ZVJlcXVlc3QaJS5sZXNzb25wcm9ncmVzcy52MS5VcGRhdGVOb3RlUmVzcG9uc2USWQoKRGVsZXRlTm90ZRIkLmxlc3NvbnByb2dyZXNzLnYxLkRlbGV0ZU5vdGVSZXF1ZXN0GiUubGVzc29ucHJvZ3Jlc3MudjEuRGVsZXRlTm90ZVJlc3BvbnNlElYKCUxpc3ROb3RlcxIjLmxlc3NvbnByb2dyZXNzLnYxLkxpc3ROb3Rlc1JlcXVlc3QaJC5sZXNzb25wcm9ncmVzcy52MS5MaXN0Tm90ZXNSZXNwb25zZWIGcHJvdG8z", [file_lessonprogress_v1_resources]);
 
 /**
  * Request of StartLesson.
@@ -768,6 +768,301 @@ export const WatchProgressResponseSchema: GenMessage<WatchProgressResponse> = /*
   messageDesc(file_lessonprogress_v1_progress_service, 23);
 
 /**
+ * Request of CreateNote.
+ *
+ * @generated from message lessonprogress.v1.CreateNoteRequest
+ */
+export type CreateNoteRequest = Message<"lessonprogress.v1.CreateNoteRequest"> & {
+  /**
+   * The learner: a UUID.
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * The course: a UUID of a registered course.
+   *
+   * @generated from field: string course_id = 2;
+   */
+  courseId: string;
+
+  /**
+   * The lesson: an id in the course's current outline.
+   *
+   * @generated from field: string lesson_id = 3;
+   */
+  lessonId: string;
+
+  /**
+   * Where in the lesson the note belongs: an opaque string of at most 4,096 bytes of UTF-8,
+   * without NUL characters. May be empty.
+   *
+   * @generated from field: string anchor = 4;
+   */
+  anchor: string;
+
+  /**
+   * The text of the note: 1 to 10,000 characters (Unicode code points), without NUL
+   * characters. Required.
+   *
+   * @generated from field: string body = 5;
+   */
+  body: string;
+
+  /**
+   * Optional idempotency key (AIP-155): a UUID. Empty means no deduplication.
+   *
+   * @generated from field: string request_id = 6;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message lessonprogress.v1.CreateNoteRequest.
+ * Use `create(CreateNoteRequestSchema)` to create a new message.
+ */
+export const CreateNoteRequestSchema: GenMessage<CreateNoteRequest> = /*@__PURE__*/
+  messageDesc(file_lessonprogress_v1_progress_service, 24);
+
+/**
+ * Response of CreateNote.
+ *
+ * @generated from message lessonprogress.v1.CreateNoteResponse
+ */
+export type CreateNoteResponse = Message<"lessonprogress.v1.CreateNoteResponse"> & {
+  /**
+   * The note as stored, with its server-assigned `note_id`.
+   *
+   * @generated from field: lessonprogress.v1.Note note = 1;
+   */
+  note?: Note | undefined;
+};
+
+/**
+ * Describes the message lessonprogress.v1.CreateNoteResponse.
+ * Use `create(CreateNoteResponseSchema)` to create a new message.
+ */
+export const CreateNoteResponseSchema: GenMessage<CreateNoteResponse> = /*@__PURE__*/
+  messageDesc(file_lessonprogress_v1_progress_service, 25);
+
+/**
+ * Request of UpdateNote.
+ *
+ * @generated from message lessonprogress.v1.UpdateNoteRequest
+ */
+export type UpdateNoteRequest = Message<"lessonprogress.v1.UpdateNoteRequest"> & {
+  /**
+   * The learner who wrote the note: a UUID.
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * The course: a UUID of a registered course.
+   *
+   * @generated from field: string course_id = 2;
+   */
+  courseId: string;
+
+  /**
+   * The note: the UUID CreateNote returned.
+   *
+   * @generated from field: string note_id = 3;
+   */
+  noteId: string;
+
+  /**
+   * The new anchor, as for CreateNote (at most 4,096 bytes; empty clears it). Unset keeps
+   * the current anchor.
+   *
+   * @generated from field: optional string anchor = 4;
+   */
+  anchor?: string | undefined;
+
+  /**
+   * The new body, as for CreateNote (1 to 10,000 characters). Unset keeps the current body.
+   * At least one of `anchor` and `body` must be set.
+   *
+   * @generated from field: optional string body = 5;
+   */
+  body?: string | undefined;
+
+  /**
+   * Optional idempotency key (AIP-155): a UUID. Empty means no deduplication.
+   *
+   * @generated from field: string request_id = 6;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message lessonprogress.v1.UpdateNoteRequest.
+ * Use `create(UpdateNoteRequestSchema)` to create a new message.
+ */
+export const UpdateNoteRequestSchema: GenMessage<UpdateNoteRequest> = /*@__PURE__*/
+  messageDesc(file_lessonprogress_v1_progress_service, 26);
+
+/**
+ * Response of UpdateNote.
+ *
+ * @generated from message lessonprogress.v1.UpdateNoteResponse
+ */
+export type UpdateNoteResponse = Message<"lessonprogress.v1.UpdateNoteResponse"> & {
+  /**
+   * The note after the change.
+   *
+   * @generated from field: lessonprogress.v1.Note note = 1;
+   */
+  note?: Note | undefined;
+};
+
+/**
+ * Describes the message lessonprogress.v1.UpdateNoteResponse.
+ * Use `create(UpdateNoteResponseSchema)` to create a new message.
+ */
+export const UpdateNoteResponseSchema: GenMessage<UpdateNoteResponse> = /*@__PURE__*/
+  messageDesc(file_lessonprogress_v1_progress_service, 27);
+
+/**
+ * Request of DeleteNote.
+ *
+ * @generated from message lessonprogress.v1.DeleteNoteRequest
+ */
+export type DeleteNoteRequest = Message<"lessonprogress.v1.DeleteNoteRequest"> & {
+  /**
+   * The learner who wrote the note: a UUID.
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * The course: a UUID of a registered course.
+   *
+   * @generated from field: string course_id = 2;
+   */
+  courseId: string;
+
+  /**
+   * The note: the UUID CreateNote returned.
+   *
+   * @generated from field: string note_id = 3;
+   */
+  noteId: string;
+
+  /**
+   * Optional idempotency key (AIP-155): a UUID. Empty means no deduplication.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message lessonprogress.v1.DeleteNoteRequest.
+ * Use `create(DeleteNoteRequestSchema)` to create a new message.
+ */
+export const DeleteNoteRequestSchema: GenMessage<DeleteNoteRequest> = /*@__PURE__*/
+  messageDesc(file_lessonprogress_v1_progress_service, 28);
+
+/**
+ * Response of DeleteNote.
+ *
+ * @generated from message lessonprogress.v1.DeleteNoteResponse
+ */
+export type DeleteNoteResponse = Message<"lessonprogress.v1.DeleteNoteResponse"> & {
+};
+
+/**
+ * Describes the message lessonprogress.v1.DeleteNoteResponse.
+ * Use `create(DeleteNoteResponseSchema)` to create a new message.
+ */
+export const DeleteNoteResponseSchema: GenMessage<DeleteNoteResponse> = /*@__PURE__*/
+  messageDesc(file_lessonprogress_v1_progress_service, 29);
+
+/**
+ * Request of ListNotes.
+ *
+ * @generated from message lessonprogress.v1.ListNotesRequest
+ */
+export type ListNotesRequest = Message<"lessonprogress.v1.ListNotesRequest"> & {
+  /**
+   * The learner: a UUID.
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * The course: a UUID of a registered course.
+   *
+   * @generated from field: string course_id = 2;
+   */
+  courseId: string;
+
+  /**
+   * When set, only the notes on this lesson (an id in the course's current outline);
+   * empty lists the notes of every lesson of the outline.
+   *
+   * @generated from field: string lesson_id = 3;
+   */
+  lessonId: string;
+
+  /**
+   * Maximum number of notes to return: 0 means 50, values above 500 are treated as 500,
+   * negative values are rejected.
+   *
+   * @generated from field: int32 page_size = 4;
+   */
+  pageSize: number;
+
+  /**
+   * Token from a previous response's `next_page_token`; empty for the first page. The other
+   * fields must match the request that produced it (page_size may change).
+   *
+   * @generated from field: string page_token = 5;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message lessonprogress.v1.ListNotesRequest.
+ * Use `create(ListNotesRequestSchema)` to create a new message.
+ */
+export const ListNotesRequestSchema: GenMessage<ListNotesRequest> = /*@__PURE__*/
+  messageDesc(file_lessonprogress_v1_progress_service, 30);
+
+/**
+ * Response of ListNotes.
+ *
+ * @generated from message lessonprogress.v1.ListNotesResponse
+ */
+export type ListNotesResponse = Message<"lessonprogress.v1.ListNotesResponse"> & {
+  /**
+   * The notes, newest first (by `created_at`, then `note_id`, both descending).
+   *
+   * @generated from field: repeated lessonprogress.v1.Note notes = 1;
+   */
+  notes: Note[];
+
+  /**
+   * Token for the next page; empty when this is the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message lessonprogress.v1.ListNotesResponse.
+ * Use `create(ListNotesResponseSchema)` to create a new message.
+ */
+export const ListNotesResponseSchema: GenMessage<ListNotesResponse> = /*@__PURE__*/
+  messageDesc(file_lessonprogress_v1_progress_service, 31);
+
+/**
  * Records and reads one learner's progress through the lessons of registered courses.
  *
  * Identifiers are validated on every call: `user_id` and `course_id` are UUIDs (any case,
@@ -914,7 +1209,7 @@ export const ProgressService: GenService<{
   },
   /**
    * Erases everything held about a learner in every course: lesson progress, attempt
-   * history, course progress and remembered request ids (right to erasure). Erasing a
+   * history, course progress, notes and remembered request ids (right to erasure). Erasing a
    * learner with no data succeeds and reports 0.
    *
    * Returns INVALID_ARGUMENT for a malformed user id.
@@ -975,6 +1270,72 @@ export const ProgressService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchProgressRequestSchema;
     output: typeof WatchProgressResponseSchema;
+  },
+  /**
+   * Adds a private note to a lesson of the learner's course. The server assigns the note id.
+   * With a `request_id`, a retry returns the note the first call created instead of adding
+   * a second one.
+   *
+   * Returns INVALID_ARGUMENT for a malformed identifier, an anchor over 4 KiB (4,096 bytes
+   * of UTF-8), a body that is empty or over 10,000 characters, NUL characters in either,
+   * or a request id first used for a different call; NOT_FOUND if the course is not
+   * registered or the lesson is not in its outline (or, for a retry, if the note the first
+   * call created was deleted since).
+   *
+   * @generated from rpc lessonprogress.v1.ProgressService.CreateNote
+   */
+  createNote: {
+    methodKind: "unary";
+    input: typeof CreateNoteRequestSchema;
+    output: typeof CreateNoteResponseSchema;
+  },
+  /**
+   * Changes the anchor, the body or both of one of the learner's notes; fields left unset
+   * keep their value. With a `request_id`, a retry changes nothing and returns the note as
+   * it stands.
+   *
+   * Returns INVALID_ARGUMENT for a malformed identifier, neither field set, an anchor or
+   * body out of bounds (as for CreateNote), or a request id first used for a different
+   * call; NOT_FOUND if the course is not registered, the note does not exist or belongs to
+   * another learner, or its lesson is no longer in the course's outline.
+   *
+   * @generated from rpc lessonprogress.v1.ProgressService.UpdateNote
+   */
+  updateNote: {
+    methodKind: "unary";
+    input: typeof UpdateNoteRequestSchema;
+    output: typeof UpdateNoteResponseSchema;
+  },
+  /**
+   * Deletes one of the learner's notes. With a `request_id`, a retry of a deletion that
+   * succeeded succeeds again.
+   *
+   * Returns INVALID_ARGUMENT for a malformed identifier or a request id first used for a
+   * different call; NOT_FOUND if the course is not registered, the note does not exist or
+   * belongs to another learner, or its lesson is no longer in the course's outline.
+   *
+   * @generated from rpc lessonprogress.v1.ProgressService.DeleteNote
+   */
+  deleteNote: {
+    methodKind: "unary";
+    input: typeof DeleteNoteRequestSchema;
+    output: typeof DeleteNoteResponseSchema;
+  },
+  /**
+   * Lists one learner's notes in a course, or in one lesson of it, newest first (by
+   * `created_at`, then `note_id`; AIP-158 paging). Notes on lessons that are no longer in
+   * the outline are not listed (they come back if the lesson does).
+   *
+   * Returns INVALID_ARGUMENT for a malformed identifier, a negative page size, or a page
+   * token that was not issued for this query; NOT_FOUND if the course is not registered or
+   * the given lesson is not in its outline. No notes gives an empty list.
+   *
+   * @generated from rpc lessonprogress.v1.ProgressService.ListNotes
+   */
+  listNotes: {
+    methodKind: "unary";
+    input: typeof ListNotesRequestSchema;
+    output: typeof ListNotesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_lessonprogress_v1_progress_service, 0);

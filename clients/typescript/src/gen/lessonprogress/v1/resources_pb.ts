@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file lessonprogress/v1/resources.proto.
  */
 export const file_lessonprogress_v1_resources: GenFile = /*@__PURE__*/
-  fileDesc("CiFsZXNzb25wcm9ncmVzcy92MS9yZXNvdXJjZXMucHJvdG8SEWxlc3NvbnByb2dyZXNzLnYxImoKBkxlc3NvbhIRCglsZXNzb25faWQYASABKAkSDQoFdGl0bGUYAiABKAkSEAoIYXNzZXNzZWQYAyABKAgSGgoNcGFzc2luZ19zY29yZRgEIAEoBUgAiAEBQhAKDl9wYXNzaW5nX3Njb3JlIrgBCgZDb3Vyc2USEQoJY291cnNlX2lkGAEgASgJEg0KBXRpdGxlGAIgASgJEioKB2xlc3NvbnMYAyADKAsyGS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb24SLwoLY3JlYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLpAwoOTGVzc29uUHJvZ3Jlc3MSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEhEKCWNvbXBsZXRlZBgEIAEoCBIaChJ0aW1lX3NwZW50X3NlY29uZHMYBSABKAMSEAoIYXR0ZW1wdHMYBiABKAUSEgoFc2NvcmUYByABKAVIAIgBARI0ChBmaXJzdF9zdGFydGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsYXN0X2FjY2Vzc2VkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGJvb2ttYXJrGA0gASgJEjEKDWJvb2ttYXJrZWRfYXQYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQggKBl9zY29yZSKRAwoOQ291cnNlUHJvZ3Jlc3MSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSHAoUY29tcGxldGVkX2xlc3Nvbl9pZHMYAyADKAkSGQoRY29tcGxldGVkX2xlc3NvbnMYBCABKAUSFQoNdG90YWxfbGVzc29ucxgFIAEoBRIbChNwcm9ncmVzc19wZXJjZW50YWdlGAYgASgFEiAKGHRvdGFsX3RpbWVfc3BlbnRfc2Vjb25kcxgHIAEoAxIWCg5sYXN0X2xlc3Nvbl9pZBgIIAEoCRIuCgpzdGFydGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsYXN0X2FjY2Vzc2VkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhwKFGxhc3RfbGVzc29uX2Jvb2ttYXJrGAwgASgJInYKB0F0dGVtcHQSFgoOYXR0ZW1wdF9udW1iZXIYASABKAUSDQoFc2NvcmUYAiABKAUSMAoMYXR0ZW1wdGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpyZXF1ZXN0X2lkGAQgASgJIt0BCg1Qcm9ncmVzc0V2ZW50EhAKCGV2ZW50X2lkGAEgASgDEjIKBGtpbmQYAiABKA4yJC5sZXNzb25wcm9ncmVzcy52MS5Qcm9ncmVzc0V2ZW50S2luZBIPCgd1c2VyX2lkGAMgASgJEhEKCWNvdXJzZV9pZBgEIAEoCRIxCgZsZXNzb24YBSABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcxIvCgtvY2N1cnJlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAixwIKC0xlc3NvblN0YXRzEhEKCWxlc3Nvbl9pZBgBIAEoCRIVCg1zdGFydGVkX2NvdW50GAIgASgDEhcKD2NvbXBsZXRlZF9jb3VudBgDIAEoAxIXCg9jb21wbGV0aW9uX3JhdGUYBCABKAESFAoMYXZnX2F0dGVtcHRzGAUgASgBEh4KFmF2Z190aW1lX3NwZW50X3NlY29uZHMYBiABKAESHgoWcDUwX3RpbWVfc3BlbnRfc2Vjb25kcxgHIAEoARIeChZwOTBfdGltZV9zcGVudF9zZWNvbmRzGAggASgBEhQKDHNjb3JlZF9jb3VudBgJIAEoAxIRCglhdmdfc2NvcmUYCiABKAESEQoJbWluX3Njb3JlGAsgASgFEhEKCW1heF9zY29yZRgMIAEoBRIXCg9zY29yZV9oaXN0b2dyYW0YDSADKAMidAoPRGlmZmljdWx0TGVzc29uEhEKCWxlc3Nvbl9pZBgBIAEoCRIUCgxhdmdfYXR0ZW1wdHMYAiABKAESHgoWYXZnX3RpbWVfc3BlbnRfc2Vjb25kcxgDIAEoARIYChBjb21wbGV0aW9uX2NvdW50GAQgASgDKu0BChFQcm9ncmVzc0V2ZW50S2luZBIjCh9QUk9HUkVTU19FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHwobUFJPR1JFU1NfRVZFTlRfS0lORF9TVEFSVEVEEAESIQodUFJPR1JFU1NfRVZFTlRfS0lORF9BVFRFTVBURUQQAhIhCh1QUk9HUkVTU19FVkVOVF9LSU5EX0NPTVBMRVRFRBADEigKJFBST0dSRVNTX0VWRU5UX0tJTkRfQ09VUlNFX0NPTVBMRVRFRBAEEiIKHlBST0dSRVNTX0VWRU5UX0tJTkRfQk9PS01BUktFRBAFYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("CiFsZXNzb25wcm9ncmVzcy92MS9yZXNvdXJjZXMucHJvdG8SEWxlc3NvbnByb2dyZXNzLnYxImoKBkxlc3NvbhIRCglsZXNzb25faWQYASABKAkSDQoFdGl0bGUYAiABKAkSEAoIYXNzZXNzZWQYAyABKAgSGgoNcGFzc2luZ19zY29yZRgEIAEoBUgAiAEBQhAKDl9wYXNzaW5nX3Njb3JlIrgBCgZDb3Vyc2USEQoJY291cnNlX2lkGAEgASgJEg0KBXRpdGxlGAIgASgJEioKB2xlc3NvbnMYAyADKAsyGS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb24SLwoLY3JlYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLpAwoOTGVzc29uUHJvZ3Jlc3MSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEhEKCWNvbXBsZXRlZBgEIAEoCBIaChJ0aW1lX3NwZW50X3NlY29uZHMYBSABKAMSEAoIYXR0ZW1wdHMYBiABKAUSEgoFc2NvcmUYByABKAVIAIgBARI0ChBmaXJzdF9zdGFydGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsYXN0X2FjY2Vzc2VkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGJvb2ttYXJrGA0gASgJEjEKDWJvb2ttYXJrZWRfYXQYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQggKBl9zY29yZSLEAwoOQ291cnNlUHJvZ3Jlc3MSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSHAoUY29tcGxldGVkX2xlc3Nvbl9pZHMYAyADKAkSGQoRY29tcGxldGVkX2xlc3NvbnMYBCABKAUSFQoNdG90YWxfbGVzc29ucxgFIAEoBRIbChNwcm9ncmVzc19wZXJjZW50YWdlGAYgASgFEiAKGHRvdGFsX3RpbWVfc3BlbnRfc2Vjb25kcxgHIAEoAxIWCg5sYXN0X2xlc3Nvbl9pZBgIIAEoCRIuCgpzdGFydGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsYXN0X2FjY2Vzc2VkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhwKFGxhc3RfbGVzc29uX2Jvb2ttYXJrGAwgASgJEhYKDm5leHRfbGVzc29uX2lkGA0gASgJEhkKEXJldmlld19sZXNzb25faWRzGA4gAygJIswBCgROb3RlEg8KB25vdGVfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRIRCgljb3Vyc2VfaWQYAyABKAkSEQoJbGVzc29uX2lkGAQgASgJEg4KBmFuY2hvchgFIAEoCRIMCgRib2R5GAYgASgJEi4KCmNyZWF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wInYKB0F0dGVtcHQSFgoOYXR0ZW1wdF9udW1iZXIYASABKAUSDQoFc2NvcmUYAiABKAUSMAoMYXR0ZW1wdGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpyZXF1ZXN0X2lkGAQgASgJIt0BCg1Qcm9ncmVzc0V2ZW50EhAKCGV2ZW50X2lkGAEgASgDEjIKBGtpbmQYAiABKA4yJC5sZXNzb25wcm9ncmVzcy52MS5Qcm9ncmVzc0V2ZW50S2luZBIPCgd1c2VyX2lkGAMgASgJEhEKCWNvdXJzZV9pZBgEIAEoCRIxCgZsZXNzb24YBSABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcxIvCgtvY2N1cnJlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAixwIKC0xlc3NvblN0YXRzEhEKCWxlc3Nvbl9pZBgBIAEoCRIVCg1zdGFydGVkX2NvdW50GAIgASgDEhcKD2NvbXBsZXRlZF9jb3VudBgDIAEoAxIXCg9jb21wbGV0aW9uX3JhdGUYBCABKAESFAoMYXZnX2F0dGVtcHRzGAUgASgBEh4KFmF2Z190aW1lX3NwZW50X3NlY29uZHMYBiABKAESHgoWcDUwX3RpbWVfc3BlbnRfc2Vjb25kcxgHIAEoARIeChZwOTBfdGltZV9zcGVudF9zZWNvbmRzGAggASgBEhQKDHNjb3JlZF9jb3VudBgJIAEoAxIRCglhdmdfc2NvcmUYCiABKAESEQoJbWluX3Njb3JlGAsgASgFEhEKCW1heF9zY29yZRgMIAEoBRIXCg9zY29yZV9oaXN0b2dyYW0YDSADKAMidAoPRGlmZmljdWx0TGVzc29uEhEKCWxlc3Nvbl9pZBgBIAEoCRIUCgxhdmdfYXR0ZW1wdHMYAiABKAESHgoWYXZnX3RpbWVfc3BlbnRfc2Vjb25kcxgDIAEoARIYChBjb21wbGV0aW9uX2NvdW50GAQgASgDKu0BChFQcm9ncmVzc0V2ZW50S2luZBIjCh9QUk9HUkVTU19FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHwobUFJPR1JFU1NfRVZFTlRfS0lORF9TVEFSVEVEEAESIQodUFJPR1JFU1NfRVZFTlRfS0lORF9BVFRFTVBURUQQAhIhCh1QUk9HUkVTU19FVkVOVF9LSU5EX0NPTVBMRVRFRBADEigKJFBST0dSRVNTX0VWRU5UX0tJTkRfQ09VUlNFX0NPTVBMRVRFRBAEEiIKHlBST0dSRVNTX0VWRU5UX0tJTkRfQk9PS01BUktFRBAFYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * A lesson of a course outline, as registered by the course-management system.
@@ -312,6 +312,27 @@ export type CourseProgress = Message<"lessonprogress.v1.CourseProgress"> & {
    * @generated from field: string last_lesson_bookmark = 12;
    */
   lastLessonBookmark: string;
+
+  /**
+   * What to study next: the first lesson of the current outline, in outline order, that the
+   * learner has not completed (whether or not they started it); empty when every lesson of
+   * the outline is completed, or the outline is empty.
+   *
+   * @generated from field: string next_lesson_id = 13;
+   */
+  nextLessonId: string;
+
+  /**
+   * Lessons to review: the assessed lessons of the current outline that have a passing
+   * score and in which the learner's best score is below it, in outline order. Only lessons
+   * with a score count (an attempt, or a completion that carried a score): a lesson the
+   * learner has not been scored in yet is new, not failed, and `next_lesson_id` leads to
+   * it. A lesson completed with a score below its passing score is listed. Empty when there
+   * is nothing to review.
+   *
+   * @generated from field: repeated string review_lesson_ids = 14;
+   */
+  reviewLessonIds: string[];
 };
 
 /**
@@ -320,6 +341,78 @@ export type CourseProgress = Message<"lessonprogress.v1.CourseProgress"> & {
  */
 export const CourseProgressSchema: GenMessage<CourseProgress> = /*@__PURE__*/
   messageDesc(file_lessonprogress_v1_resources, 3);
+
+/**
+ * A learner's private note on a lesson (ProgressService.CreateNote and the other note
+ * methods). Notes are only ever returned to calls that name their learner.
+ *
+ * @generated from message lessonprogress.v1.Note
+ */
+export type Note = Message<"lessonprogress.v1.Note"> & {
+  /**
+   * Identifier of the note: a UUID assigned by the server, in lowercase canonical form.
+   *
+   * @generated from field: string note_id = 1;
+   */
+  noteId: string;
+
+  /**
+   * The learner who wrote it: a UUID in lowercase canonical form.
+   *
+   * @generated from field: string user_id = 2;
+   */
+  userId: string;
+
+  /**
+   * The course: a UUID in lowercase canonical form.
+   *
+   * @generated from field: string course_id = 3;
+   */
+  courseId: string;
+
+  /**
+   * The lesson the note is on, as registered in the course outline.
+   *
+   * @generated from field: string lesson_id = 4;
+   */
+  lessonId: string;
+
+  /**
+   * Where in the lesson the note belongs: an opaque string of at most 4,096 bytes of UTF-8
+   * (a video offset, a paragraph id), like a bookmark. Empty when the note has no anchor.
+   *
+   * @generated from field: string anchor = 5;
+   */
+  anchor: string;
+
+  /**
+   * The text of the note: 1 to 10,000 characters (Unicode code points, not bytes).
+   *
+   * @generated from field: string body = 6;
+   */
+  body: string;
+
+  /**
+   * When the note was created.
+   *
+   * @generated from field: google.protobuf.Timestamp created_at = 7;
+   */
+  createdAt?: Timestamp | undefined;
+
+  /**
+   * When the note was last changed (equal to `created_at` until an UpdateNote).
+   *
+   * @generated from field: google.protobuf.Timestamp updated_at = 8;
+   */
+  updatedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message lessonprogress.v1.Note.
+ * Use `create(NoteSchema)` to create a new message.
+ */
+export const NoteSchema: GenMessage<Note> = /*@__PURE__*/
+  messageDesc(file_lessonprogress_v1_resources, 4);
 
 /**
  * One attempt of the attempt history of a lesson.
@@ -361,7 +454,7 @@ export type Attempt = Message<"lessonprogress.v1.Attempt"> & {
  * Use `create(AttemptSchema)` to create a new message.
  */
 export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_resources, 4);
+  messageDesc(file_lessonprogress_v1_resources, 5);
 
 /**
  * A change to a learner's progress, as delivered by ProgressService.WatchProgress.
@@ -420,7 +513,7 @@ export type ProgressEvent = Message<"lessonprogress.v1.ProgressEvent"> & {
  * Use `create(ProgressEventSchema)` to create a new message.
  */
 export const ProgressEventSchema: GenMessage<ProgressEvent> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_resources, 5);
+  messageDesc(file_lessonprogress_v1_resources, 6);
 
 /**
  * Per-lesson statistics of one course, over every learner with progress in the lesson.
@@ -527,7 +620,7 @@ export type LessonStats = Message<"lessonprogress.v1.LessonStats"> & {
  * Use `create(LessonStatsSchema)` to create a new message.
  */
 export const LessonStatsSchema: GenMessage<LessonStats> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_resources, 6);
+  messageDesc(file_lessonprogress_v1_resources, 7);
 
 /**
  * A lesson of the "difficult lessons" report: figures over learners who completed it.
@@ -569,7 +662,7 @@ export type DifficultLesson = Message<"lessonprogress.v1.DifficultLesson"> & {
  * Use `create(DifficultLessonSchema)` to create a new message.
  */
 export const DifficultLessonSchema: GenMessage<DifficultLesson> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_resources, 7);
+  messageDesc(file_lessonprogress_v1_resources, 8);
 
 /**
  * The kind of a ProgressEvent.
