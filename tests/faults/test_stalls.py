@@ -11,6 +11,7 @@ from collections import Counter
 
 import asyncpg
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lessonprogress.v1 import analytics_service_pb2 as apb

@@ -14,9 +14,7 @@ from datetime import datetime
 
 from lesson_progress import errors
 from lesson_progress.store.checks import (
-    LESSON_CTE,
     LOOKUP_REQUEST,
-    claim_cte,
     ensure_course,
     ensure_lesson,
     ensure_request_id_fits,
@@ -28,9 +26,23 @@ NOTE_COLUMNS = """
     n.updated_at
 """
 
-# $1 user, $2 course, $3 lesson, $4 anchor, $5 request id, $6 body.
+# $1 user, $2 course, $3 lesson, $4 anchor, $5 request id, $6 body. Every step names course
+# $2, so on Citus the whole statement runs on the course's worker.
 CREATE_NOTE = f"""
-WITH {LESSON_CTE}, {claim_cte("CreateNote")},
+WITH lesson AS (
+    SELECT FROM lessons
+    WHERE course_id = $2::uuid AND lesson_id = $3::varchar AND position IS NOT NULL
+),
+claimed AS (
+    INSERT INTO processed_requests (user_id, request_id, method, course_id, lesson_id)
+    SELECT $1::uuid, $5::uuid, 'CreateNote', $2::uuid, $3::varchar FROM lesson
+    WHERE $5::uuid IS NOT NULL
+    ON CONFLICT DO NOTHING
+    RETURNING true
+),
+proceed AS (
+    SELECT FROM lesson WHERE $5::uuid IS NULL OR EXISTS (SELECT FROM claimed)
+),
 note AS (
     INSERT INTO lesson_notes AS n
         (course_id, user_id, note_id, lesson_id, anchor, body, request_id)
@@ -223,7 +235,7 @@ class NoteStore:
         NotFound (course, note) or InvalidArgument (a request id used for another call)."""
         await ensure_course(connection, course_id)
         if request_id is not None:
-            used = await connection.fetchrow(LOOKUP_REQUEST, user_id, request_id)
+            used = await connection.fetchrow(LOOKUP_REQUEST, user_id, request_id, course_id)
             if used is not None:
                 await ensure_request_id_fits(
                     connection, method, user_id, course_id, note_id, request_id
