@@ -12,6 +12,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -235,3 +236,11 @@ async def test_small_courses_are_computed_live_and_never_summarised(
     assert await db.fetchval(
         "SELECT count(*) FROM lesson_stats_courses WHERE course_id = $1", course_id
     ) == 0  # fmt: skip
+
+
+def test_the_protos_state_the_policy_the_server_applies() -> None:
+    proto = Path(__file__).parent.parent / "protos/lessonprogress/v1/analytics_service.proto"
+    text = " ".join(line.strip().lstrip("/ ") for line in proto.read_text().splitlines())
+    policy = SummaryPolicy()
+    assert f"at most {policy.max_age:g} seconds before the call" in text
+    assert f"fewer than {policy.min_rows:,} learner-lessons" in text
