@@ -47,6 +47,8 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
         RETURN;
     END IF;
+    -- For this transaction: the keys added below must run over one connection per node.
+    SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
     PERFORM create_distributed_table('lesson_stats_courses', 'course_id',
                                      colocate_with => 'lesson_progress');
     PERFORM create_distributed_table('lesson_stats_summary', 'course_id',
