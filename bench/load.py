@@ -46,6 +46,7 @@ class Setup:
     """What every load generator process gets once."""
 
     address: str
+    floor_address: str
     database_url: str
     dataset: Dataset
     batch_size: int
@@ -81,6 +82,8 @@ class WorkerResult:
 def _backend(setup: Setup, backend: Backend) -> LoadBackend:
     if backend is Backend.SERVICE:
         return ServiceBackend(setup.address)
+    if backend is Backend.FLOOR:
+        return ServiceBackend(setup.floor_address)
     if backend is Backend.RAW:
         return RawBackend(setup.database_url)
     return NaiveBackend(setup.database_url)

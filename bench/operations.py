@@ -29,6 +29,9 @@ class Backend(enum.StrEnum):
     """The gRPC service, started as a user starts it."""
     RAW = "raw"
     """asyncpg running the service's own SQL statements, one connection per client."""
+    FLOOR = "floor"
+    """A bare grpc.aio server (bench/floor.py): the same protos, SQL and pool, without
+    validation, auth, metrics or logs; what Python gRPC itself allows."""
     NAIVE = "naive"
     """asyncpg running the seed note's data flow: SELECT, then INSERT or UPDATE, then a
     separate course_progress UPDATE, each statement its own transaction."""
@@ -71,6 +74,9 @@ SPECS: dict[Op, OpSpec] = {
         OpSpec(Op.STREAM_COURSE_LEARNERS, False, "rows", Concurrency.SINGLE, False),
     )
 }
+
+# Operations the floor server serves, measured on it right after the service.
+FLOOR_OPS = (Op.RECORD_TIME, Op.GET_LESSON_PROGRESS, Op.GET_COURSE_PROGRESS)
 
 # Latency targets checked in open loop (arrivals at half the closed-loop throughput).
 LATENCY_TARGETS_MS: dict[Op, float] = {

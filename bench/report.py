@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import targets
-from bench.operations import LATENCY_TARGETS_MS, SPECS, Backend, Op
+from bench.operations import FLOOR_OPS, LATENCY_TARGETS_MS, SPECS, Backend, Op
 from bench.results import PhaseResult, RunResult
 from bench.run import ORDER, backends_of
 from bench.settings import Settings
@@ -69,6 +69,26 @@ def throughput_table(result: RunResult) -> str:
             f"{_num(r)} | {_ratio(s, r)} | "
             f"{_num(n) if spec.naive else 'n/a'} | {_ratio(s, n) if spec.naive else 'n/a'} | "
             f"{errors} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def floor_table(result: RunResult) -> str:
+    """The service beside the floor server: throughput and server CPU per call."""
+    lines = [
+        "| operation | service /s | floor /s | ÷ floor | service CPU-ms /call | "
+        "floor CPU-ms /call | CPU ÷ floor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for op in FLOOR_OPS:
+        s, f = (targets.throughput(result, op, b) for b in (Backend.SERVICE, Backend.FLOOR))
+        sc, fc = (
+            targets.server_cpu_per_call(result, op, b) for b in (Backend.SERVICE, Backend.FLOOR)
+        )
+        lines.append(
+            f"| {op} | {_num(s)} | {_num(f)} | {_ratio(s, f)} | "
+            f"{_num(None if sc is None else 1000 * sc, 3)} | "
+            f"{_num(None if fc is None else 1000 * fc, 3)} | {_ratio(sc, fc)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -186,6 +206,12 @@ def section(result: RunResult, settings: Settings) -> str:
         "streams) or rows (the unit column) of the server process and of all PostgreSQL "
         "processes.\n",
         throughput_table(result),
+        "### The service beside the floor\n",
+        "The floor is a bare grpc.aio server (bench/floor.py) with the service's protos, SQL "
+        "and pool, and no validation, auth, metrics, logs or request merging, in its own "
+        "process, driven by the same clients at the same concurrency right after the "
+        "service. Server CPU is that process's user + system time per call.\n",
+        floor_table(result),
         "### Latency under load (open loop)\n",
         "Poisson arrivals at half the closed-loop throughput of the same run; latency from "
         "the scheduled start (no coordinated omission). StreamLessonStats: time to the last "

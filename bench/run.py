@@ -12,7 +12,7 @@ import asyncpg
 
 from bench import machine, postgres, profiling, seed
 from bench.load import LoadGenerators, Setup
-from bench.operations import LATENCY_TARGETS_MS, SPECS, Backend, Op
+from bench.operations import FLOOR_OPS, LATENCY_TARGETS_MS, SPECS, Backend, Op
 from bench.results import RunResult
 from bench.runner import DatabaseCpu, PhaseRunner
 from bench.service import ServiceProcess
@@ -46,7 +46,12 @@ PROFILED = (Op.RECORD_TIME, Op.GET_LESSON_PROGRESS, Op.STREAM_COURSE_LEARNERS)
 
 def backends_of(op: Op) -> list[Backend]:
     """The backends ``op`` is measured on."""
-    return [Backend.SERVICE, Backend.RAW] + ([Backend.NAIVE] if SPECS[op].naive else [])
+    return (
+        [Backend.SERVICE]
+        + ([Backend.FLOOR] if op in FLOOR_OPS else [])
+        + [Backend.RAW]
+        + ([Backend.NAIVE] if SPECS[op].naive else [])
+    )
 
 
 async def _closed_loop(runner: PhaseRunner, result: RunResult, ops: tuple[Op, ...]) -> None:
@@ -125,12 +130,20 @@ async def run(settings: Settings) -> RunResult:
             if not seeded.replication_role_used:
                 result.notes.append("Seeded without superuser: foreign keys checked per row.")
             service = ServiceProcess(database.url, workdir / "service.log")
-            setup = Setup(service.address, database.url, seeded.dataset, settings.batch_size)
+            try:
+                floor = ServiceProcess(database.url, workdir / "floor.log", floor=True)
+            except BaseException:
+                service.stop()
+                raise
+            setup = Setup(
+                service.address, floor.address, database.url, seeded.dataset,
+                settings.batch_size,
+            )  # fmt: skip
             generators = LoadGenerators(setup, settings.clients)
             try:
                 runner = PhaseRunner(
                     settings, generators, service, connection,
-                    DatabaseCpu(await postgres.postmaster(connection)),
+                    DatabaseCpu(await postgres.postmaster(connection)), floor,
                 )  # fmt: skip
                 before = await postgres.table_stats(connection)
                 await _measure(runner, result)
@@ -152,6 +165,7 @@ async def run(settings: Settings) -> RunResult:
             finally:
                 generators.close()
                 service.stop()
+                floor.stop()
             result.machine["load average before / after"] = (
                 f"{load_before} → {machine.load_average()}"
             )

@@ -82,10 +82,12 @@ class PhaseRunner:
         service: ServiceProcess,
         stats: asyncpg.Connection,
         database_cpu: DatabaseCpu,
+        floor: ServiceProcess | None = None,
     ) -> None:
         self.settings = settings
         self.generators = generators
         self.service = service
+        self.floor = floor
         self.stats = stats
         self.database_cpu = database_cpu
         self._phase = 0
@@ -131,12 +133,16 @@ class PhaseRunner:
         ready, failed = await asyncio.to_thread(self.generators.dispatch, jobs)
         go = self.generators.go(ready)
         start, end = go + self.settings.warmup, go + self.settings.warmup + duration
+        server = self.floor if backend is Backend.FLOOR else self.service
         await _sleep_until(start)
-        cpu_before = self.service.cpu_seconds()
+        cpu_before = server.cpu_seconds() if server is not None else 0.0
         db_before = self.database_cpu.snapshot()
         rss = _Rss()
-        await _sample_rss(self.service, end, rss)
-        cpu_after = self.service.cpu_seconds()
+        if server is not None:
+            await _sample_rss(server, end, rss)
+        else:
+            await _sleep_until(end)
+        cpu_after = server.cpu_seconds() if server is not None else 0.0
         db_after = self.database_cpu.snapshot()
         results: list[WorkerResult] = failed + await asyncio.to_thread(
             self.generators.collect, ready, COLLECT_TIMEOUT
@@ -157,7 +163,9 @@ class PhaseRunner:
             errors=errors,
             first_error=next((r.first_error for r in results if r.first_error), None),
             latencies=[x for r in results for x in r.latencies],
-            server_cpu=cpu_after - cpu_before if backend is Backend.SERVICE else None,
+            server_cpu=(
+                cpu_after - cpu_before if backend in (Backend.SERVICE, Backend.FLOOR) else None
+            ),
             database_cpu=DatabaseCpu.delta(db_before, db_after),
             client_cpu=sum(r.cpu_seconds for r in results),
             rss_min=rss.low,

@@ -25,22 +25,29 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """``python -m lesson_progress serve --database-url URL --port N --no-migrate``.
+    """``python -m lesson_progress serve --database-url URL --port N --no-migrate``, or
+    with ``floor=True`` the bare server of ``bench/floor.py``, in a process of its own.
 
     Default settings otherwise, except that the Prometheus endpoint (on, as by default)
     takes any free port instead of the fixed default one, which another server on the
     machine may hold.
     """
 
-    def __init__(self, database_url: str, log_path: Path) -> None:
+    def __init__(self, database_url: str, log_path: Path, *, floor: bool = False) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.command = [
-            sys.executable, "-m", "lesson_progress", "serve",
-            "--database-url", database_url, "--host", "127.0.0.1", "--port", str(self.port),
-            "--metrics-port", "0", "--no-migrate",
-        ]  # fmt: skip
+        self.name = "the floor server" if floor else "the service"
+        self.command = (
+            [sys.executable, "-m", "bench.floor", "--database-url", database_url,
+             "--port", str(self.port)]
+            if floor
+            else [
+                sys.executable, "-m", "lesson_progress", "serve",
+                "--database-url", database_url, "--host", "127.0.0.1",
+                "--port", str(self.port), "--metrics-port", "0", "--no-migrate",
+            ]
+        )  # fmt: skip
         with log_path.open("wb") as log:
             self.popen = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         self.process = psutil.Process(self.popen.pid)
@@ -57,7 +64,7 @@ class ServiceProcess:
             while True:
                 if self.popen.poll() is not None:
                     raise RuntimeError(
-                        f"the service exited with {self.popen.returncode}; "
+                        f"{self.name} exited with {self.popen.returncode}; "
                         f"its output:\n{self.log_path.read_text()[-3000:]}"
                     )
                 try:
@@ -65,7 +72,7 @@ class ServiceProcess:
                     return
                 except grpc.FutureTimeoutError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError("the service did not start listening") from None
+                        raise RuntimeError(f"{self.name} did not start listening") from None
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time the server has used so far (all its threads)."""

@@ -9,13 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench.operations import LATENCY_TARGETS_MS, SPECS, Backend, Op
+from bench.operations import FLOOR_OPS, LATENCY_TARGETS_MS, SPECS, Backend, Op
 from bench.results import RunResult
 from bench.stages import STAGES
 
 MAX_BYTES_PER_ROW = 1024
 MIN_INDEX_HIT_RATE = 0.95
 MIN_HOT_SHARE = 0.95
+MIN_FLOOR_RATIO = 0.85
+MAX_FLOOR_CPU_RATIO = 1.2
 # "Server memory flat" while streaming: growth between the lowest and highest RSS seen.
 MAX_STREAM_RSS_GROWTH = 32 * 2**20
 
@@ -73,12 +75,39 @@ def throughput(result: RunResult, op: Op, backend: Backend) -> float | None:
     return None if phase is None else phase.throughput(SPECS[op].unit)
 
 
+def server_cpu_per_call(result: RunResult, op: Op, backend: Backend) -> float | None:
+    """Server CPU-seconds per call of ``op`` on ``backend`` (closed loop), if measured."""
+    phase = result.phase(op, backend)
+    if phase is None or phase.server_cpu is None or phase.ops == 0:
+        return None
+    return phase.server_cpu / phase.ops
+
+
+def _floor_checks(result: RunResult) -> list[Check]:
+    checks = []
+    for op in FLOOR_OPS:
+        checks.append(
+            _check(f"{op} calls/s ÷ floor (bare grpc.aio server, same concurrency)",
+                   _ratio(throughput(result, op, Backend.SERVICE),
+                          throughput(result, op, Backend.FLOOR)),
+                   f"≥ {MIN_FLOOR_RATIO}", lambda v: v >= MIN_FLOOR_RATIO, _x)
+        )  # fmt: skip
+        checks.append(
+            _check(f"{op} server CPU per call ÷ floor's",
+                   _ratio(server_cpu_per_call(result, op, Backend.SERVICE),
+                          server_cpu_per_call(result, op, Backend.FLOOR)),
+                   f"≤ {MAX_FLOOR_CPU_RATIO}", lambda v: v <= MAX_FLOOR_CPU_RATIO, _x)
+        )  # fmt: skip
+    return checks
+
+
 def evaluate(result: RunResult) -> list[Check]:
     """Every target, in the order of performance.md."""
     service, raw = Backend.SERVICE, Backend.RAW
     record_time = throughput(result, Op.RECORD_TIME, service)
     batch = throughput(result, Op.BATCH_RECORD_TIME, service)
     checks = [
+        *_floor_checks(result),
         _check("RecordTime RPC/s ÷ raw asyncpg single-row upsert (same concurrency)",
                _ratio(record_time, throughput(result, Op.RECORD_TIME, raw)), "≥ 0.5",
                lambda v: v >= 0.5, _x),

@@ -32,6 +32,8 @@ PROGRESS_TABLES = (
     "processed_requests",
     "progress_events",
     "progress_event_purges",
+    "lesson_stats_courses",
+    "lesson_stats_summary",
 )
 
 

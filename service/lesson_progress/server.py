@@ -27,6 +27,7 @@ from lesson_progress.store import CatalogStore, Database, ProgressStore
 from lesson_progress.store.analytics import AnalyticsStore
 from lesson_progress.store.events import EventListener, EventNotifier, EventStore
 from lesson_progress.store.heartbeats import HeartbeatStore
+from lesson_progress.store.lesson_stats import LessonStatsSummaries
 from lessonprogress.v1 import analytics_service_pb2, catalog_service_pb2, progress_service_pb2
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,10 @@ async def _start(config: Config, resources: contextlib.AsyncExitStack) -> Runnin
         progress,
         policy,
     )
-    rpc.add_servicer(server, AnalyticsServicer(AnalyticsStore(database)), analytics, policy)
+    summaries = LessonStatsSummaries(database)
+    rpc.add_servicer(
+        server, AnalyticsServicer(AnalyticsStore(database, summaries)), analytics, policy
+    )
 
     health = HealthReporter(
         database,
@@ -219,6 +223,7 @@ async def _start(config: Config, resources: contextlib.AsyncExitStack) -> Runnin
         f"on port {metrics_port}" if metrics_port is not None else "off",
     )
     _background(resources, health.run())
+    _background(resources, summaries.refresh_forever())
     _background(
         resources,
         _every(

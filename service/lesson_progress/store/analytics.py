@@ -11,57 +11,10 @@ from collections.abc import AsyncIterator
 
 from lesson_progress.store.checks import ensure_course
 from lesson_progress.store.database import Database, Record
+from lesson_progress.store.lesson_stats import LESSON_STATS, LessonStatsSummaries
 from lesson_progress.store.progress import LEARNER_AGGREGATES, outline_ctes, outline_walk
 
-_BUCKETS = ",\n".join(
-    f"        count(*) FILTER (WHERE score >= {low} AND score < {low + 10})"
-    if low < 90
-    else "        count(*) FILTER (WHERE score >= 90)"
-    for low in range(0, 100, 10)
-)
-
-# All rows of one course come from lesson_progress_course_user_idx; lessons without any
-# row stream zeros. Unscored rows are left out of the score figures (count/avg/min/max
-# ignore NULL). Percentiles interpolate (percentile_cont) over the completers' times.
-LESSON_STATS = f"""
-WITH stats AS (
-    SELECT lesson_id,
-        count(*) AS started_count,
-        count(*) FILTER (WHERE completed) AS completed_count,
-        avg(attempts)::float8 AS avg_attempts,
-        avg(time_spent_seconds)::float8 AS avg_time_spent_seconds,
-        percentile_cont(0.5) WITHIN GROUP (ORDER BY time_spent_seconds)
-            FILTER (WHERE completed) AS p50_time_spent_seconds,
-        percentile_cont(0.9) WITHIN GROUP (ORDER BY time_spent_seconds)
-            FILTER (WHERE completed) AS p90_time_spent_seconds,
-        count(score) AS scored_count,
-        avg(score)::float8 AS avg_score,
-        min(score) AS min_score,
-        max(score) AS max_score,
-        ARRAY[
-{_BUCKETS}
-        ] AS score_histogram
-    FROM lesson_progress
-    WHERE course_id = $1::uuid
-    GROUP BY lesson_id
-)
-SELECT l.lesson_id,
-       COALESCE(s.started_count, 0) AS started_count,
-       COALESCE(s.completed_count, 0) AS completed_count,
-       COALESCE(s.avg_attempts, 0) AS avg_attempts,
-       COALESCE(s.avg_time_spent_seconds, 0) AS avg_time_spent_seconds,
-       COALESCE(s.p50_time_spent_seconds, 0) AS p50_time_spent_seconds,
-       COALESCE(s.p90_time_spent_seconds, 0) AS p90_time_spent_seconds,
-       COALESCE(s.scored_count, 0) AS scored_count,
-       COALESCE(s.avg_score, 0) AS avg_score,
-       COALESCE(s.min_score, 0) AS min_score,
-       COALESCE(s.max_score, 0) AS max_score,
-       COALESCE(s.score_histogram, '{{0,0,0,0,0,0,0,0,0,0}}') AS score_histogram
-FROM lessons l
-LEFT JOIN stats s USING (lesson_id)
-WHERE l.course_id = $1::uuid AND l.position IS NOT NULL
-ORDER BY l.position
-"""
+__all__ = ["COURSE_LEARNERS", "DIFFICULT_LESSONS", "LESSON_STATS", "AnalyticsStore"]
 
 # The design note's "difficult lessons", over completed rows of the current outline, with
 # an inclusive minimum; ties on the exact (numeric) average are broken by lesson_id.
@@ -110,8 +63,9 @@ MAX_PREFETCH = 1000
 class AnalyticsStore:
     """Streams the per-course reports."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, summaries: LessonStatsSummaries | None = None) -> None:
         self.database = database
+        self.summaries = summaries or LessonStatsSummaries(database)
 
     async def _stream(
         self, query: str, course_id: str, *args: object, prefetch: int = 1000
@@ -125,9 +79,13 @@ class AnalyticsStore:
             async for row in cursor:
                 yield row
 
-    def lesson_stats(self, course_id: str) -> AsyncIterator[Record]:
-        """One row per lesson of the outline, in outline order."""
-        return self._stream(LESSON_STATS, course_id, prefetch=100)
+    async def lesson_stats(self, course_id: str) -> AsyncIterator[Record]:
+        """One row per lesson of the outline, in outline order: from the summary for a
+        large course (lesson_stats.py), else computed now. At most one row per lesson, so
+        the rows are read whole before the first is sent."""
+        rows, _ = await self.summaries.lesson_stats(course_id)
+        for row in rows:
+            yield row
 
     def difficult_lessons(self, course_id: str, min_completions: int) -> AsyncIterator[Record]:
         """Lessons with at least ``min_completions`` completions, hardest first."""

@@ -50,6 +50,11 @@ class AnalyticsServiceStub:
     """Streams one LessonStats per lesson of the course's current outline, in outline order.
     Lessons without activity stream zeros.
 
+    Freshness: every figure (counts, means, percentiles, histogram) is exact for one
+    consistent snapshot of the course taken at most 30 seconds before the call. Courses of
+    fewer than 50,000 learner-lessons are computed at the call; larger ones are served from
+    a summary the server recomputes in the background while they are being asked for.
+
     Returns INVALID_ARGUMENT for a malformed course id, NOT_FOUND if the course is not
     registered.
     """
@@ -91,6 +96,11 @@ class AnalyticsServiceAsyncStub(AnalyticsServiceStub):
     StreamLessonStats: _aio.UnaryStreamMultiCallable[_analytics_service_pb2.StreamLessonStatsRequest, _analytics_service_pb2.StreamLessonStatsResponse]  # type: ignore[assignment]
     """Streams one LessonStats per lesson of the course's current outline, in outline order.
     Lessons without activity stream zeros.
+
+    Freshness: every figure (counts, means, percentiles, histogram) is exact for one
+    consistent snapshot of the course taken at most 30 seconds before the call. Courses of
+    fewer than 50,000 learner-lessons are computed at the call; larger ones are served from
+    a summary the server recomputes in the background while they are being asked for.
 
     Returns INVALID_ARGUMENT for a malformed course id, NOT_FOUND if the course is not
     registered.
@@ -136,6 +146,11 @@ class AnalyticsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_analytics_service_pb2.StreamLessonStatsResponse], _abc.AsyncIterator[_analytics_service_pb2.StreamLessonStatsResponse]]:
         """Streams one LessonStats per lesson of the course's current outline, in outline order.
         Lessons without activity stream zeros.
+
+        Freshness: every figure (counts, means, percentiles, histogram) is exact for one
+        consistent snapshot of the course taken at most 30 seconds before the call. Courses of
+        fewer than 50,000 learner-lessons are computed at the call; larger ones are served from
+        a summary the server recomputes in the background while they are being asked for.
 
         Returns INVALID_ARGUMENT for a malformed course id, NOT_FOUND if the course is not
         registered.

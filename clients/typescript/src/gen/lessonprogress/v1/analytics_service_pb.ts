@@ -177,6 +177,11 @@ export const AnalyticsService: GenService<{
    * Streams one LessonStats per lesson of the course's current outline, in outline order.
    * Lessons without activity stream zeros.
    *
+   * Freshness: every figure (counts, means, percentiles, histogram) is exact for one
+   * consistent snapshot of the course taken at most 30 seconds before the call. Courses of
+   * fewer than 50,000 learner-lessons are computed at the call; larger ones are served from
+   * a summary the server recomputes in the background while they are being asked for.
+   *
    * Returns INVALID_ARGUMENT for a malformed course id, NOT_FOUND if the course is not
    * registered.
    *
