@@ -18,11 +18,13 @@ import importlib.util
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lesson_progress.addresses import dial_host, host_port
 from lesson_progress.auth import Caller, TokenFileError, load_callers
 
 ENV_PREFIX = "LESSON_PROGRESS_"
@@ -100,9 +102,25 @@ def choice(*allowed: str, what: str) -> Parser:
 
 
 def database_url(text: str) -> str:
-    """A PostgreSQL URL; never echoed in errors (it may carry a password)."""
+    """A PostgreSQL URL; never echoed in errors (it may carry a password).
+
+    With ``sslmode=verify-ca`` or ``verify-full``, the CA that signed the server must be
+    readable: ``sslrootcert=<file>`` in the URL, else PGSSLROOTCERT, else
+    ``~/.postgresql/root.crt`` (which a container's user rarely has).
+    """
     if not text.startswith(("postgres://", "postgresql://")):
         raise ValueError("must start with postgresql://")
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(text).query)
+    if query.get("sslmode", [""])[-1] in ("verify-ca", "verify-full"):
+        root = query.get("sslrootcert", [""])[-1] or os.environ.get("PGSSLROOTCERT", "")
+        if not root:
+            if not (Path.home() / ".postgresql" / "root.crt").is_file():
+                raise ValueError(
+                    "sslmode=verify-full/verify-ca needs the CA that signed the server: add "
+                    "sslrootcert=/path/to/ca.crt to the URL (or set PGSSLROOTCERT)"
+                )
+        elif not Path(root).is_file():
+            raise ValueError(f"sslrootcert {root} is not a readable file")
     return text
 
 
@@ -393,10 +411,12 @@ class ProbeConfig:
     tls_ca: Path | None
     tls_cert: Path | None
     tls_key: Path | None
+    tls_server_name: str | None = None
 
 
 def load_probe(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ProbeConfig:
-    """The health probe's target and TLS material: flags, else LESSON_PROGRESS_PORT and
+    """The health probe's target and TLS material: flags, else the server's own settings
+    (LESSON_PROGRESS_HOST, a wildcard meaning loopback, and LESSON_PROGRESS_PORT) and
     LESSON_PROGRESS_HEALTH_TLS_*."""
     environ = os.environ if environ is None else environ
 
@@ -405,11 +425,15 @@ def load_probe(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         return Path(value) if value else None
 
     port = environ.get(ENV_PREFIX + "PORT") or Config().port
+    host = dial_host(environ.get(ENV_PREFIX + "HOST") or Config().host)
     return ProbeConfig(
-        address=args.address or f"127.0.0.1:{port}",
+        address=args.address or host_port(host, port),
         tls_ca=path("tls_ca", "HEALTH_TLS_CA"),
         tls_cert=path("tls_cert", "HEALTH_TLS_CERT"),
         tls_key=path("tls_key", "HEALTH_TLS_KEY"),
+        tls_server_name=args.tls_server_name
+        or environ.get(ENV_PREFIX + "HEALTH_TLS_SERVER_NAME")
+        or None,
     )
 
 
