@@ -41,9 +41,7 @@ def tls_cluster(pki: certs.Pki) -> Iterator[int]:
 
 
 def verify_full(port: int, ca: Path | str, host: str = "localhost") -> str:
-    return (
-        f"postgresql://postgres@{host}:{port}/postgres?sslmode=verify-full&sslrootcert={ca}"
-    )
+    return f"postgresql://postgres@{host}:{port}/postgres?sslmode=verify-full&sslrootcert={ca}"
 
 
 def lesson_progress(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
