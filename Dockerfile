@@ -8,10 +8,15 @@
 #     -e LESSON_PROGRESS_AUTH_TOKENS_FILE=/run/secrets/tokens -v "$PWD/tokens:/run/secrets/tokens:ro" \
 #     lesson-progress
 #
-# See deploy/README.md. Stage 1 generates the gRPC stubs from protos/ (the committed ones
-# are not used) and installs the package into a virtualenv; stage 2 is that virtualenv, the
-# SQL migrations and nothing else, run as an unprivileged user.
+# See deploy/README.md; `./dev test-image` builds this file and runs the image. Stage 1
+# generates the gRPC stubs from protos/ (the committed ones are not used), installs the
+# runtime dependencies from requirements.lock (pinned, hash-checked) and then the two
+# distributions (lesson-progress-client and lesson-progress, no extras: no embedded
+# PostgreSQL) into a virtualenv, and removes pip and setuptools from it. Stage 2 is that
+# virtualenv and nothing else (the SQL migrations are inside the package), run as an
+# unprivileged user.
 
+# A local tag; pin it by digest where a registry is reachable (python:3.11-slim@sha256:...).
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # --- builder -----------------------------------------------------------------------------
@@ -27,26 +32,35 @@ RUN python -m venv /opt/tools \
     && /opt/tools/bin/pip install grpcio-tools==1.85.1 mypy-protobuf==5.1.0
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
+COPY clients/python/ clients/python/
 COPY protos/ protos/
 COPY service/ service/
+COPY migrations/ migrations/
 
 # The same protoc command as `./dev stubs` (the file list is split into arguments on purpose).
 # protoc-gen-mypy and protoc-gen-mypy_grpc come from /opt/tools/bin.
 # hadolint ignore=SC2046
-RUN rm -rf service/lessonprogress \
+RUN rm -rf clients/python/src/lessonprogress \
     && export PATH="/opt/tools/bin:$PATH" \
     && python -m grpc_tools.protoc -I protos \
-        --python_out=service --grpc_python_out=service \
-        --mypy_out=service --mypy_grpc_out=service \
+        --python_out=clients/python/src --grpc_python_out=clients/python/src \
+        --mypy_out=clients/python/src --mypy_grpc_out=clients/python/src \
         $(find protos -name '*.proto' | sort) \
-    && find service/lessonprogress -type d -exec sh -c 'touch "$1/__init__.py"' _ {} \;
+    && find clients/python/src/lessonprogress -type d -exec sh -c 'touch "$1/__init__.py"' _ {} \;
 
-# The service and its runtime dependencies (not the [dev] extra), installed non-editable.
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install . \
-    && /opt/venv/bin/python -c "import lesson_progress.server, lessonprogress.v1.progress_service_pb2_grpc" \
-    && /opt/venv/bin/lesson-progress --help >/dev/null
+# Third-party packages only from the lock file (every file's hash checked), then the two
+# wheels built here with --no-deps: nothing unpinned gets in. `pip check` proves that the
+# lock satisfies both distributions' requirements.
+RUN /opt/tools/bin/pip wheel --no-deps --wheel-dir /tmp/wheels ./clients/python . \
+    && python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock \
+    && /opt/venv/bin/pip install --no-deps --no-index /tmp/wheels/*.whl \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/python -c "import lesson_progress.server, lesson_progress_client" \
+    && /opt/venv/bin/lesson-progress --help >/dev/null \
+    && /opt/venv/bin/python -m pip uninstall --yes --quiet pip setuptools \
+    && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 
 # --- runtime -----------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -56,15 +70,13 @@ RUN groupadd --system --gid 10001 lesson-progress \
         --home-dir /nonexistent --shell /usr/sbin/nologin lesson-progress
 
 COPY --from=builder /opt/venv /opt/venv
-COPY migrations/ /app/migrations/
 
-# The package is installed into site-packages, where config.DEFAULT_MIGRATIONS_DIR does not
-# lead to the migrations: point at the copy above. Listen on every interface; the server
-# refuses that without LESSON_PROGRESS_AUTH_TOKENS_FILE unless LESSON_PROGRESS_INSECURE=true.
+# Listen on every interface; the server refuses that without LESSON_PROGRESS_AUTH_TOKENS_FILE
+# unless LESSON_PROGRESS_INSECURE=true. No embedded PostgreSQL here: DATABASE_URL is
+# required (`serve` and `migrate` say so when it is missing).
 ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    LESSON_PROGRESS_MIGRATIONS_DIR=/app/migrations \
     LESSON_PROGRESS_HOST=0.0.0.0 \
     LESSON_PROGRESS_PORT=50051 \
     LESSON_PROGRESS_METRICS_PORT=9464
@@ -76,7 +88,9 @@ USER 10001:10001
 EXPOSE 50051 9464
 
 # Exit 0 only when the server answers SERVING (database reachable, no migration pending).
-# With TLS on, also set LESSON_PROGRESS_HEALTH_TLS_CA to the CA that signed the server.
+# It dials LESSON_PROGRESS_PORT on loopback (LESSON_PROGRESS_HOST when that is not a
+# wildcard). With TLS on, also set LESSON_PROGRESS_HEALTH_TLS_CA to the CA that signed the
+# server (and LESSON_PROGRESS_HEALTH_TLS_SERVER_NAME to a name in its certificate).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["lesson-progress", "health", "--timeout", "4"]
 

@@ -1,4 +1,4 @@
-"""lesson_progress.client: every method end to end, errors, retries and request ids.
+"""lesson_progress_client: every method end to end, errors, retries and request ids.
 
 The end-to-end tests run against the in-process server of ``conftest.py``. The retry tests
 use a private embedded PostgreSQL that is stopped and restarted under a second server, and
@@ -27,16 +27,19 @@ from grpc_status import rpc_status
 
 from lesson_progress import server
 from lesson_progress.auth import hash_token
-from lesson_progress.client import (
+from lesson_progress.embedded import EmbeddedPostgres
+from lesson_progress_client import (
     DOMAIN,
+    NO_RETRIES,
     Heartbeat,
     Lesson,
     ProgressClient,
     ProgressError,
     ProgressEventKind,
     RecordTimeRequest,
+    RetryPolicy,
+    TlsConfig,
 )
-from lesson_progress.embedded import EmbeddedPostgres
 from lessonprogress.v1 import (
     analytics_service_pb2,
     progress_service_pb2,
@@ -318,7 +321,19 @@ async def test_not_found_errors_including_streams(client: ProgressClient) -> Non
 
 def test_mutual_tls_needs_both_halves() -> None:
     with pytest.raises(ValueError, match="certificate_chain and private_key"):
-        ProgressClient("127.0.0.1:1", certificate_chain=b"chain")
+        TlsConfig(certificate_chain=b"chain")
+
+
+def test_retry_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="retries must not be negative"):
+        RetryPolicy(retries=-1)
+    with pytest.raises(ValueError, match="back-off"):
+        RetryPolicy(backoff_initial=2.0, backoff_max=1.0)
+    # The back-off grows exponentially, capped, and is drawn from [ceiling / 2, ceiling].
+    policy = RetryPolicy(backoff_initial=0.1, backoff_multiplier=3.0, backoff_max=0.5)
+    for retry, ceiling in ((0, 0.1), (1, 0.3), (2, 0.5), (7, 0.5)):
+        delay = policy.backoff(retry)
+        assert ceiling / 2 <= delay <= ceiling
 
 
 # --- retries through a database restart -------------------------------------------------------
@@ -395,15 +410,13 @@ async def test_retry_through_database_restart_counts_the_heartbeat_once(
         async with ProgressClient(
             f"127.0.0.1:{running.port}",
             timeout=HANG_GUARD,
-            retries=100,
-            backoff_initial=0.05,
-            backoff_max=0.5,
+            retry=RetryPolicy(retries=100, backoff_initial=0.05, backoff_max=0.5),
             interceptors=[interceptor],
         ) as client:
             course_id, l1 = await register(client, 1)
             user = new_id()
             key = {"user_id": user, "course_id": course_id, "lesson_id": l1}
-            with caplog.at_level(logging.INFO, logger="lesson_progress.client"):
+            with caplog.at_level(logging.INFO, logger="lesson_progress_client.client"):
                 lesson = await client.record_time(**key, seconds=7)
             assert restarts, "the database was never stopped"
             await restarts[0]
@@ -511,15 +524,12 @@ def scripted_record_time(
     )
 
 
-def fast_client(target: str, **options: Any) -> ProgressClient:
+def fast_client(
+    target: str, *, retries: int = 4, timeout: float = HANG_GUARD, token: str | None = None
+) -> ProgressClient:
     """A client with short back-offs, for the fake server."""
-    settings: dict[str, Any] = {
-        "timeout": HANG_GUARD,
-        "backoff_initial": 0.01,
-        "backoff_max": 0.05,
-    }
-    settings.update(options)
-    return ProgressClient(target, **settings)
+    retry = RetryPolicy(retries=retries, backoff_initial=0.01, backoff_max=0.05)
+    return ProgressClient(target, token=token, retry=retry, timeout=timeout)
 
 
 async def test_retry_reuses_the_request_id_and_sends_the_token() -> None:
@@ -747,9 +757,11 @@ async def test_mutual_tls_and_tokens_against_the_server(database_url: str, tmp_p
     target = f"127.0.0.1:{running.port}"
     ca = pki.ca.cert.read_bytes()
     tls: dict[str, Any] = {
-        "root_certificates": ca,
-        "certificate_chain": pki.client.cert.read_bytes(),
-        "private_key": pki.client.key.read_bytes(),
+        "tls": TlsConfig(
+            root_certificates=ca,
+            certificate_chain=pki.client.cert.read_bytes(),
+            private_key=pki.client.key.read_bytes(),
+        ),
         "timeout": HANG_GUARD,
     }
     try:
@@ -775,7 +787,11 @@ async def test_mutual_tls_and_tokens_against_the_server(database_url: str, tmp_p
         # Without a client certificate the TLS handshake fails: UNAVAILABLE, from the
         # channel rather than the service (no ErrorInfo).
         async with ProgressClient(
-            target, token="writer-token", root_certificates=ca, retries=0, timeout=HANG_GUARD
+            target,
+            token="writer-token",
+            tls=TlsConfig(root_certificates=ca),
+            retry=NO_RETRIES,
+            timeout=HANG_GUARD,
         ) as no_certificate:
             with pytest.raises(ProgressError) as caught:
                 await no_certificate.get_lesson_progress(**key)

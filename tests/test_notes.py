@@ -13,7 +13,7 @@ import asyncpg
 import grpc
 import pytest
 
-from lesson_progress.client import ProgressClient
+from lesson_progress_client import ProgressClient
 from lessonprogress.v1 import catalog_service_pb2 as cs
 from lessonprogress.v1 import catalog_service_pb2_grpc, progress_service_pb2_grpc, resources_pb2
 from lessonprogress.v1 import progress_service_pb2 as ps

@@ -105,6 +105,10 @@ class Authenticator:
     def __init__(self, callers: Iterable[Caller]) -> None:
         self.callers = tuple(callers)
 
+    def replace(self, callers: Iterable[Caller]) -> None:
+        """Puts new callers in force (one assignment: a call sees the old or the new set)."""
+        self.callers = tuple(callers)
+
     def authorize(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> str:
         """The caller's name if it may call ``method``; raises otherwise.
 
@@ -121,7 +125,8 @@ class Authenticator:
             )
         presented = hashlib.sha256(token.encode()).digest()
         match: Caller | None = None
-        for caller in self.callers:  # no early exit: the time does not depend on the match
+        callers = self.callers  # one snapshot, even if a reload replaces them meanwhile
+        for caller in callers:  # no early exit: the time does not depend on the match
             if hmac.compare_digest(presented, caller.token_hash):
                 match = caller
         if match is None:

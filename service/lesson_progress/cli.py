@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument(
         "--address",
-        help="host:port of the server (default: 127.0.0.1 and LESSON_PROGRESS_PORT or 50051)",
+        help="host:port of the server (default: LESSON_PROGRESS_HOST, loopback when it is a "
+        "wildcard, and LESSON_PROGRESS_PORT or 50051)",
     )
     health.add_argument("--service", default="", help="service name; empty for overall")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
@@ -56,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument(
         "--tls-key", help="PEM key of the client certificate (env ..._HEALTH_TLS_KEY)"
+    )
+    health.add_argument(
+        "--tls-server-name",
+        help="name to verify the server certificate against, when the address is not in it "
+        "(env ..._HEALTH_TLS_SERVER_NAME)",
     )
     commands.add_parser(
         "hash-token", help="read a bearer token on standard input and print its configured form"
@@ -95,7 +101,10 @@ async def _health(args: argparse.Namespace, probe: config_module.ProbeConfig) ->
             certificate_chain=probe.tls_cert.read_bytes() if probe.tls_cert else None,
             private_key=probe.tls_key.read_bytes() if probe.tls_key else None,
         )
-        channel = grpc.aio.secure_channel(address, credentials)
+        options = []
+        if probe.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", probe.tls_server_name))
+        channel = grpc.aio.secure_channel(address, credentials, options=options)
     else:
         channel = grpc.aio.insecure_channel(address)
     async with channel:

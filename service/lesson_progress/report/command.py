@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 
-from lesson_progress.client import ProgressClient, ProgressError
 from lesson_progress.report.figures import CourseReport, fetch_report
+from lesson_progress_client import ProgressClient, ProgressError, TlsConfig
 
 TOKEN_ENV = "LESSON_PROGRESS_REPORT_TOKEN"
 INSTALL_HINT = "pip install 'lesson-progress[report]'"
@@ -106,13 +106,15 @@ def _credentials(args: argparse.Namespace) -> dict[str, Any]:
     token = os.environ.get(TOKEN_ENV) or None
     if args.token_file is not None:
         token = args.token_file.read_text(encoding="utf-8").strip() or None
-    return {
-        "token": token,
-        "root_certificates": args.tls_ca.read_bytes() if args.tls_ca else None,
-        "certificate_chain": args.tls_cert.read_bytes() if args.tls_cert else None,
-        "private_key": args.tls_key.read_bytes() if args.tls_key else None,
-        "tls_server_name": args.tls_server_name,
-    }
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_server_name:
+        tls = TlsConfig(
+            root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
+            certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
+            private_key=args.tls_key.read_bytes() if args.tls_key else None,
+            server_name=args.tls_server_name,
+        )
+    return {"token": token, "tls": tls}
 
 
 async def _fetch(

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from lesson_progress.client import ProgressClient
+from lesson_progress_client import ProgressClient
 
 #: The labels of LessonStats.score_histogram's ten buckets.
 SCORE_BUCKETS: tuple[str, ...] = (*(f"{low}-{low + 9}" for low in range(0, 90, 10)), "90-100")
@@ -92,7 +92,7 @@ async def fetch_report(
     """Reads the course's outline and its analytics streams into a :class:`CourseReport`.
 
     ``min_completions`` is passed to ``StreamDifficultLessons`` (0: the server's default).
-    Raises :class:`lesson_progress.client.ProgressError` as the client does (NOT_FOUND for
+    Raises :class:`lesson_progress_client.ProgressError` as the client does (NOT_FOUND for
     an unknown course, UNAVAILABLE when the server cannot be reached, ...). Each stream is
     its own snapshot, so figures of different sections can differ by the writes that
     landed between them.

@@ -1,44 +1,4 @@
-"""A typed async client for the lesson progress service, for calling teams.
-
-Usage::
-
-    from lesson_progress.client import ProgressClient, ProgressError
-
-    async with ProgressClient("lesson-progress:50051", token=token) as client:
-        lesson = await client.record_time(
-            user_id=user_id, course_id=course_id, lesson_id="intro", seconds=30
-        )
-        print(lesson.time_spent_seconds)
-        async for stats in client.stream_lesson_stats(course_id=course_id):
-            print(stats.lesson_id, stats.completion_rate)
-
-What the client does for every call:
-
-* **Deadline.** Every unary call has one (``timeout``, 5 s by default). It covers the whole
-  logical call, retries and back-off included: a call never takes longer than its deadline.
-  Streams have none unless one is given (``stream_timeout`` or the call's ``timeout``).
-  Every method takes ``timeout=`` to override the default for that call.
-* **Retries.** ``UNAVAILABLE`` (the server or its database cannot be reached) and
-  ``ABORTED`` (a write lost a race repeatedly) are retried up to ``retries`` times with
-  exponential back-off and jitter; no other code is retried.
-* **Safe retries.** ``record_time``, ``record_attempt``, ``complete_lesson``, the note writes
-  (``create_note``, ``update_note``, ``delete_note``) and every entry of
-  ``batch_record_time`` carry a ``request_id``. When the caller gives none, a fresh UUID is
-  generated once per logical call and sent unchanged on every retry, so the service applies
-  the write at most once even when an attempt committed but its response was lost.
-* **Authentication.** ``token`` is sent as ``authorization: Bearer <token>`` metadata.
-* **TLS.** ``root_certificates`` (and ``certificate_chain`` + ``private_key`` for mutual
-  TLS) or ``tls=True`` (system roots) make a TLS channel; without them the channel is
-  plaintext, for loopback or a service mesh that provides TLS.
-* **Errors.** A failed call raises :class:`ProgressError` with the status code, the message,
-  the ``google.rpc.ErrorInfo`` reason and the ``google.rpc.BadRequest`` field violations
-  that the service sends in the ``grpc-status-details-bin`` trailer.
-
-Streams are async generators. Leaving an ``async for`` early does not end the call until the
-generator is closed: wrap it in ``contextlib.aclosing`` (or call ``aclose()``) to cancel the
-call at once.
-"""
-
+"""ProgressClient: one method per RPC, with deadlines, retries and request ids."""
 # ASYNC109: ``timeout`` is the gRPC deadline sent to the server with each call (grpc's own
 # name for it), not a local wait that ``asyncio.timeout`` could replace.
 # ruff: noqa: ASYNC109
@@ -47,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import uuid
 from collections.abc import (
     AsyncGenerator,
@@ -55,18 +14,17 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Mapping,
     Sequence,
 )
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
 import grpc
 from google.protobuf import message as protobuf_message
-from google.rpc import error_details_pb2, status_pb2
 
-from lesson_progress.errors import DOMAIN, FieldViolation
-from lesson_progress.values import Heartbeat
+from lesson_progress_client.errors import ProgressError
+from lesson_progress_client.settings import RetryPolicy, TlsConfig
 from lessonprogress.v1 import (
     analytics_service_pb2,
     analytics_service_pb2_grpc,
@@ -77,38 +35,10 @@ from lessonprogress.v1 import (
     resources_pb2,
 )
 
-__all__ = [
-    "DOMAIN",
-    "RETRYABLE_CODES",
-    "Attempt",
-    "CompleteLessonResponse",
-    "Course",
-    "CourseProgress",
-    "DifficultLesson",
-    "FieldViolation",
-    "Heartbeat",
-    "Lesson",
-    "LessonProgress",
-    "LessonStats",
-    "ListAttemptsResponse",
-    "ListLessonProgressResponse",
-    "ListNotesResponse",
-    "Note",
-    "ProgressClient",
-    "ProgressError",
-    "ProgressEvent",
-    "ProgressEventKind",
-    "RecordAttemptResponse",
-    "RecordTimeRequest",
-]
-
 log = logging.getLogger(__name__)
 
-#: Status codes that the client retries: every other code is raised at once.
-RETRYABLE_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
-
-_STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 _USER_AGENT: Final = "lesson-progress-client/0.1"
+DEFAULT_RETRY: Final = RetryPolicy()
 
 # The resources and responses that the client's methods return, under short names.
 Lesson = resources_pb2.Lesson
@@ -133,96 +63,18 @@ ResponseT = TypeVar("ResponseT", bound=protobuf_message.Message)
 ItemT = TypeVar("ItemT")
 
 
-# --- errors ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Seconds spent in one lesson: one entry of :meth:`ProgressClient.batch_record_time`.
 
-
-class ProgressError(Exception):
-    """A call that failed, with what the service said about it.
-
-    ``code`` is the gRPC status code; ``reason`` the ``google.rpc.ErrorInfo`` reason
-    (``LESSON_NOT_FOUND``, ``DATABASE_UNAVAILABLE``, ...; ``None`` when the failure did not
-    come from the service, e.g. a connection that could not be made); ``field_violations``
-    the bad fields of an ``INVALID_ARGUMENT``; ``attempts`` how many times the call was
-    sent, retries included.
+    ``request_id`` is the entry's idempotency key; the client generates one when it is None.
     """
 
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        message: str,
-        *,
-        reason: str | None = None,
-        domain: str | None = None,
-        metadata: Mapping[str, str] | None = None,
-        field_violations: Sequence[FieldViolation] = (),
-        attempts: int = 1,
-    ) -> None:
-        text = f"{code.name}: {message}"
-        if reason:
-            text += f" (reason {reason})"
-        super().__init__(text)
-        self.code = code
-        self.message = message
-        self.reason = reason
-        self.domain = domain
-        self.metadata: dict[str, str] = dict(metadata or {})
-        self.field_violations: tuple[FieldViolation, ...] = tuple(field_violations)
-        self.attempts = attempts
-
-    @property
-    def fields(self) -> frozenset[str]:
-        """The names of the bad fields (empty unless the code is INVALID_ARGUMENT)."""
-        return frozenset(violation.field for violation in self.field_violations)
-
-    @property
-    def retryable(self) -> bool:
-        """Whether the client would retry this code (UNAVAILABLE or ABORTED)."""
-        return self.code in RETRYABLE_CODES
-
-    @classmethod
-    def from_rpc_error(cls, error: grpc.aio.AioRpcError, *, attempts: int = 1) -> ProgressError:
-        """Builds the error from a failed call and its ``grpc-status-details-bin`` trailer."""
-        code = error.code()
-        message = error.details() or ""
-        reason: str | None = None
-        domain: str | None = None
-        metadata: dict[str, str] = {}
-        violations: list[FieldViolation] = []
-        status = _rich_status(error)
-        if status is not None:
-            message = str(status.message) or message
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                bad_request = error_details_pb2.BadRequest()
-                if detail.Unpack(info):
-                    reason = str(info.reason)
-                    domain = str(info.domain)
-                    metadata = {str(k): str(v) for k, v in info.metadata.items()}
-                elif detail.Unpack(bad_request):
-                    violations.extend(
-                        FieldViolation(str(v.field), str(v.description))
-                        for v in bad_request.field_violations
-                    )
-        return cls(
-            code,
-            message,
-            reason=reason,
-            domain=domain,
-            metadata=metadata,
-            field_violations=violations,
-            attempts=attempts,
-        )
-
-
-def _rich_status(error: grpc.aio.AioRpcError) -> Any:
-    """The ``google.rpc.Status`` of a failed call, or None when there is none (or garbage)."""
-    for key, value in error.trailing_metadata() or ():
-        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
-            try:
-                return status_pb2.Status.FromString(value)
-            except protobuf_message.DecodeError:
-                return None
-    return None
+    user_id: str
+    course_id: str
+    lesson_id: str
+    seconds: int
+    request_id: str | None = None
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -279,21 +131,12 @@ class ProgressClient:
     Args:
         target: ``host:port`` of the service (any gRPC target, e.g. ``dns:///svc:50051``).
         token: bearer token sent as ``authorization: Bearer <token>`` on every call.
-        root_certificates: PEM CA certificates that sign the server's certificate; makes the
-            channel use TLS.
-        certificate_chain: PEM client certificate chain for mutual TLS (with
-            ``private_key``).
-        private_key: PEM private key of ``certificate_chain``.
-        tls: use TLS with the system's root certificates even if no certificate is given.
-        tls_server_name: the name to verify the server certificate against, when it differs
-            from the host in ``target``.
+        tls: a :class:`TlsConfig` for a TLS channel (``TlsConfig()``: the system's roots);
+            None (the default) for plaintext, on loopback or behind a mesh that adds TLS.
+        retry: which failures are retried and how (:class:`RetryPolicy`).
         timeout: default deadline in seconds of each unary call, retries included; None for
             none (not recommended).
         stream_timeout: default deadline of each stream; None (the default) for none.
-        retries: how many times a call that failed with UNAVAILABLE or ABORTED is retried.
-        backoff_initial: back-off before the first retry, in seconds (before jitter).
-        backoff_multiplier: factor applied to the back-off after each retry.
-        backoff_max: upper bound of one back-off, in seconds.
         options: extra gRPC channel options (keepalive, message sizes, ...).
         interceptors: grpc.aio client interceptors (tracing, logging, ...).
     """
@@ -303,54 +146,31 @@ class ProgressClient:
         target: str,
         *,
         token: str | None = None,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        tls: bool = False,
-        tls_server_name: str | None = None,
+        tls: TlsConfig | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
         timeout: float | None = 5.0,
         stream_timeout: float | None = None,
-        retries: int = 4,
-        backoff_initial: float = 0.2,
-        backoff_multiplier: float = 2.0,
-        backoff_max: float = 5.0,
         options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
-        if (certificate_chain is None) != (private_key is None):
-            raise ValueError("mutual TLS needs both certificate_chain and private_key")
         for name, value in (("timeout", timeout), ("stream_timeout", stream_timeout)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
-        if retries < 0:
-            raise ValueError(f"retries must not be negative, got {retries}")
-        if backoff_initial <= 0 or backoff_max < backoff_initial or backoff_multiplier < 1:
-            raise ValueError(
-                "back-off needs 0 < backoff_initial <= backoff_max and backoff_multiplier >= 1"
-            )
         self.target = target
+        self.retry = retry
         self._timeout = timeout
         self._stream_timeout = stream_timeout
-        self._retries = retries
-        self._backoff_initial = backoff_initial
-        self._backoff_multiplier = backoff_multiplier
-        self._backoff_max = backoff_max
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
 
         channel_options: list[tuple[str, Any]] = [("grpc.primary_user_agent", _USER_AGENT)]
-        if tls_server_name:
-            channel_options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if tls is not None and tls.server_name:
+            channel_options.append(("grpc.ssl_target_name_override", tls.server_name))
         channel_options.extend(options)
-        if tls or root_certificates is not None or certificate_chain is not None:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=root_certificates,
-                private_key=private_key,
-                certificate_chain=certificate_chain,
-            )
+        if tls is not None:
             self._channel = grpc.aio.secure_channel(
-                target, credentials, options=channel_options, interceptors=interceptors
+                target, tls.credentials(), options=channel_options, interceptors=interceptors
             )
         else:
             self._channel = grpc.aio.insecure_channel(
@@ -381,15 +201,6 @@ class ProgressClient:
         await self._channel.close()
 
     # --- call machinery ----------------------------------------------------------------------
-
-    def _backoff(self, retry: int) -> float:
-        """Seconds to wait before retry number ``retry`` (0-based): exponential, jittered.
-
-        The delay is drawn uniformly between half and all of the exponential back-off, so
-        that many clients failing together do not retry in lockstep.
-        """
-        ceiling = min(self._backoff_max, self._backoff_initial * self._backoff_multiplier**retry)
-        return random.uniform(ceiling / 2, ceiling)
 
     async def _unary(
         self,
@@ -422,9 +233,9 @@ class ProgressClient:
         self, name: str, error: ProgressError, attempt: int, deadline: float | None
     ) -> float | None:
         """The back-off before retrying a failed attempt, or None if it is not retried."""
-        if not error.retryable or attempt > self._retries:
+        if not error.retryable or attempt > self.retry.retries:
             return None
-        delay = self._backoff(attempt - 1)
+        delay = self.retry.backoff(attempt - 1)
         if deadline is not None and asyncio.get_running_loop().time() + delay >= deadline:
             return None
         log.info(
@@ -433,7 +244,7 @@ class ProgressClient:
             error.code.name,
             error.reason or error.message,
             attempt,
-            self._retries,
+            self.retry.retries,
             delay,
         )
         return delay

@@ -1,0 +1,1 @@
+"""The container image tier (``./dev test-image``): not part of ``./dev test``."""
