@@ -16,9 +16,10 @@ import asyncpg
 from bench.backends import Call, Outcome, Window, unsupported
 from bench.keys import CourseKey, Heartbeat, Key, Params, Scored
 from bench.operations import Op
+from lesson_progress import values
 from lesson_progress.store.analytics import COURSE_LEARNERS, LESSON_STATS
 from lesson_progress.store.checks import COURSE_EXISTS, GET_LESSON_PROGRESS, LOOKUP_LESSON
-from lesson_progress.store.heartbeats import BATCH_RECORD_TIME, RECORD_TIME
+from lesson_progress.store.heartbeats import HEARTBEATS, statement_arguments
 from lesson_progress.store.progress import (
     COMPLETE_LESSON,
     GET_COURSE_PROGRESS,
@@ -91,19 +92,12 @@ class RawBackend(_Connections):
 
     async def _record_time(self, slot: int, item: object, window: Window) -> Outcome:
         assert isinstance(item, Heartbeat)
-        await self._write(self.connections[slot], RECORD_TIME, item.key, item.seconds, None)
+        await self.connections[slot].fetch(HEARTBEATS, *_arguments([item], False))
         return 1, True
 
     async def _batch(self, slot: int, item: object, window: Window) -> Outcome:
         assert isinstance(item, tuple)
-        rows = await self.connections[slot].fetch(
-            BATCH_RECORD_TIME,
-            [b.key.user_id for b in item],
-            [b.key.course_id for b in item],
-            [b.key.lesson_id for b in item],
-            [b.seconds for b in item],
-            [None] * len(item),
-        )
+        rows = await self.connections[slot].fetch(HEARTBEATS, *_arguments(list(item), True))
         return len(rows), True
 
     async def _start(self, slot: int, item: object, window: Window) -> Outcome:
@@ -288,3 +282,15 @@ class NaiveBackend(_Connections):
         await self._upsert(connection, item.key, NAIVE_INSERT_COMPLETE, NAIVE_COMPLETE, item.score)
         await self._sync_course(connection, item.key)
         return 1, True
+
+
+def _arguments(beats: list[Heartbeat], all_or_nothing: bool) -> tuple[object, ...]:
+    """The service's heartbeat statement's arguments (default allowance, no request ids)."""
+    return statement_arguments(
+        [
+            values.Heartbeat(b.key.user_id, b.key.course_id, b.key.lesson_id, b.seconds)
+            for b in beats
+        ],
+        300,
+        all_or_nothing,
+    )

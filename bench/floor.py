@@ -18,11 +18,11 @@ from typing import Any
 
 import grpc
 
-from lesson_progress import convert
+from lesson_progress import convert, values
 from lesson_progress.config import Config
 from lesson_progress.store.checks import GET_LESSON_PROGRESS
 from lesson_progress.store.database import Database
-from lesson_progress.store.heartbeats import RECORD_TIME
+from lesson_progress.store.heartbeats import HEARTBEATS, statement_arguments
 from lesson_progress.store.progress import GET_COURSE_PROGRESS
 from lessonprogress.v1 import progress_service_pb2 as pb
 from lessonprogress.v1 import progress_service_pb2_grpc
@@ -42,13 +42,16 @@ class FloorServicer(progress_service_pb2_grpc.ProgressServiceServicer):
     async def RecordTime(
         self, request: pb.RecordTimeRequest, context: Context
     ) -> pb.RecordTimeResponse:
-        """The heartbeat upsert, no request id."""
+        """The heartbeat statement (time budget included), no request id."""
+        beat = values.Heartbeat(
+            request.user_id, request.course_id, request.lesson_id, request.seconds
+        )
         async with self.database.acquire() as connection:
-            row = await connection.fetchrow(
-                RECORD_TIME, request.user_id, request.course_id, request.lesson_id,
-                request.seconds, None,
-            )  # fmt: skip
-        return pb.RecordTimeResponse(lesson=convert.lesson_progress(row))
+            row = await connection.fetchrow(HEARTBEATS, *statement_arguments([beat], 300, False))
+        assert row is not None
+        return pb.RecordTimeResponse(
+            lesson=convert.lesson_progress(row), credited_seconds=row["credited_seconds"]
+        )
 
     async def GetLessonProgress(
         self,

@@ -89,6 +89,9 @@ def server_config(database_url: str, **overrides: object) -> Config:
         "migrate_on_start": False,
         "metrics_port": None,
         "log_format": "text",
+        # Tests of adding time up send far more time than passes; the time budget has its
+        # own tests (test_time_budget.py) with the default allowance.
+        "time_allowance_seconds": 30 * 86400,
     }
     settings.update(overrides)
     return Config(**settings)  # type: ignore[arg-type]

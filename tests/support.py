@@ -43,6 +43,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Flags for a server whose tests add up more time than passes: the time budget has its own
+#: tests (test_time_budget.py) with the default allowance.
+GENEROUS_TIME_BUDGET = ("--time-allowance", "30d")
+
+
 def clean_env(**overrides: str) -> dict[str, str]:
     """The test's environment without any service setting, plus ``overrides``."""
     env = {

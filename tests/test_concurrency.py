@@ -32,7 +32,7 @@ from lessonprogress.v1 import (
     progress_service_pb2_grpc,
     resources_pb2,
 )
-from tests.support import ServerProcess, free_port
+from tests.support import GENEROUS_TIME_BUDGET, ServerProcess, free_port
 
 CALL_TIMEOUT = 60.0  # seconds; only there so that a hung call fails instead of hanging
 START_TIMEOUT = 60.0
@@ -50,14 +50,17 @@ def round_half_up(value: Fraction) -> int:
     return int(value + Fraction(1, 2))
 
 
-def replica(database_url: str, log_path: Path) -> ServerProcess:
-    """A server process on the database, on a port of its own."""
+def replica(
+    database_url: str, log_path: Path, extra: tuple[str, ...] = GENEROUS_TIME_BUDGET
+) -> ServerProcess:
+    """A server process on the database, on a port of its own, with ``extra`` flags."""
     port = free_port()
     flags = [
         "--database-url", database_url, "--port", str(port), "--no-migrate",
         "--host", "127.0.0.1",
         # Two replicas on one host cannot share the default metrics port (9464).
         "--metrics-port", "0",
+        *extra,
     ]  # fmt: skip
     return ServerProcess(
         flags, log_path, f"127.0.0.1:{port}", start_timeout=START_TIMEOUT, stop_timeout=STOP_TIMEOUT

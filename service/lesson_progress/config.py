@@ -208,6 +208,11 @@ class Config:
         300, "MAX_HEARTBEAT_SECONDS", "max-heartbeat-seconds", integer(1, 86400),
         "most seconds one RecordTime entry adds",
     )  # fmt: skip
+    time_allowance_seconds: int = setting(
+        300, "TIME_ALLOWANCE", "time-allowance", duration(0, whole=True),
+        "time budget: seconds a learner may be credited beyond the wall clock",
+        shown_default="300s",
+    )  # fmt: skip
     request_id_retention_seconds: int = setting(
         24 * 3600, "REQUEST_ID_RETENTION", "request-id-retention", duration(1, whole=True),
         "how long request ids are remembered", shown_default="24h",

@@ -74,6 +74,12 @@ class Metrics:
             ["method"],
             registry=self.registry,
         )
+        self.refused_seconds = Counter(
+            "lesson_progress_heartbeat_refused_seconds",
+            "Heartbeat seconds not credited because of the time budget (RecordTime and "
+            "BatchRecordTime entries; replays not counted)",
+            registry=self.registry,
+        )
         if pool_stats is not None:
             self.registry.register(_PoolCollector(pool_stats))
         self._http: Any = None

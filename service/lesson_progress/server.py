@@ -184,10 +184,12 @@ async def _start(config: Config, resources: contextlib.AsyncExitStack) -> Runnin
         server,
         ProgressServicer(
             progress_store,
-            HeartbeatStore(database),
+            HeartbeatStore(database, allowance_seconds=config.time_allowance_seconds),
             event_store,
             PageTokens(bytes(key)),
             max_heartbeat_seconds=config.max_heartbeat_seconds,
+            max_response_bytes=config.max_message_bytes,
+            refused_seconds=metrics.refused_seconds.inc,
         ),
         progress,
         policy,

@@ -7,6 +7,9 @@ clean, plain values down to the store.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from lesson_progress.errors import FieldViolation, InvalidArgument
 
@@ -80,3 +83,23 @@ class Validator:
         if not low <= value <= high:
             self.fail(field, f"must be between {low} and {high} (got {value})")
         return value
+
+    def recent_time(
+        self, field: str, value: Timestamp, *, ahead: float, behind: float
+    ) -> datetime | None:
+        """A valid Timestamp at most ``ahead`` seconds after now and ``behind`` seconds
+        before it (now: this server's clock), as an aware datetime."""
+        if not 0 <= value.nanos < 1_000_000_000:
+            self.fail(field, "must be a valid timestamp (nanos 0..999,999,999)")
+            return None
+        now = datetime.now(UTC)
+        try:
+            moment = value.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            self.fail(field, "must be a valid timestamp")
+            return None
+        if moment > now + timedelta(seconds=ahead):
+            self.fail(field, f"must not be more than {ahead:g} s in the future")
+        elif moment < now - timedelta(seconds=behind):
+            self.fail(field, f"must not be more than {behind / 86400:g} days old")
+        return moment

@@ -11,7 +11,7 @@ import pytest
 
 from tests.faults.cluster import Cluster
 from tests.faults.support import create_database, drop_database
-from tests.support import free_port
+from tests.support import GENEROUS_TIME_BUDGET, free_port
 from tests.test_operations import Serve
 
 
@@ -48,7 +48,9 @@ def serve(tmp_path: Path, database: str) -> Iterator[ServeFactory]:
     children: list[Serve] = []
 
     def start(*flags: str, env: dict[str, str] | None = None, name: str = "serve") -> Serve:
-        child = Serve(tmp_path, database, *flags, env=env, metrics=False, name=name)
+        child = Serve(
+            tmp_path, database, *GENEROUS_TIME_BUDGET, *flags, env=env, metrics=False, name=name
+        )
         children.append(child)
         return child
 

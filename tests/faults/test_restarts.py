@@ -28,6 +28,7 @@ from tests.faults.support import (
     terminate_service_backends,
     time_spent,
 )
+from tests.support import GENEROUS_TIME_BUDGET
 from tests.test_operations import Serve, upsert_course
 
 pytestmark = pytest.mark.postgres_only("the fault suite controls its own PostgreSQL processes")
@@ -39,7 +40,15 @@ ROUNDS = 3  # faults per scenario
 
 async def _run(cluster: Cluster, directory: Path, fault: str) -> tuple[Outcomes, str, str]:
     url = await create_database(cluster)
-    serve = Serve(directory, url, "--pool-size", "8", metrics=False, name=f"serve-{fault}")
+    serve = Serve(
+        directory,
+        url,
+        *GENEROUS_TIME_BUDGET,
+        "--pool-size",
+        "8",
+        metrics=False,
+        name=f"serve-{fault}",
+    )
     try:
         await serve.wait_health()
         async with serve.channel() as channel:

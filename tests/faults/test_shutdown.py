@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 from collections import Counter
 
 import asyncpg
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from lessonprogress.v1 import progress_service_pb2 as pb
 from lessonprogress.v1 import progress_service_pb2_grpc
@@ -88,11 +90,6 @@ async def test_sigterm_under_continuous_load_refuses_with_unavailable_only(
     assert set(seen) <= {"OK", "UNAVAILABLE SHUTTING_DOWN", "UNAVAILABLE no server"}, dict(seen)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 7 of issue 9: 1,000 entries on a lesson with a 4 KiB bookmark commit, "
-    "then the response exceeds the 4 MiB message limit and the caller gets an error",
-)
 async def test_largest_valid_batch_gets_a_response_or_commits_nothing(
     serve: ServeFactory, database: str
 ) -> None:
@@ -109,15 +106,19 @@ async def test_largest_valid_batch_gets_a_response_or_commits_nothing(
             ),
             timeout=30,
         )
+        # An offline history: 1,000 consecutive seconds, so the time budget credits all.
+        start = int(time.time()) - 2000
         batch = pb.BatchRecordTimeRequest(
             requests=[
                 pb.RecordTimeRequest(user_id=user, course_id=course_id, lesson_id="l1",
-                                     seconds=1, request_id=new_id())
-                for _ in range(1000)
+                                     seconds=1, request_id=new_id(),
+                                     occurred_at=Timestamp(seconds=start + i + 1))
+                for i in range(1000)
             ]
         )  # fmt: skip
+        response = None
         try:
-            await stub.BatchRecordTime(batch, timeout=60)
+            response = await stub.BatchRecordTime(batch, timeout=60)
             failed = None
         except grpc.aio.AioRpcError as exc:
             failed = exc.code()
@@ -131,6 +132,12 @@ async def test_largest_valid_batch_gets_a_response_or_commits_nothing(
         await connection.close()
     assert (failed, stored) in {(None, 1000), (Code.RESOURCE_EXHAUSTED, 0)}, (failed, stored)
     assert failed is None  # a valid request gets its response
+    assert response is not None
+    assert [r.credited_seconds for r in response.entry_results] == [1] * 1000
+    assert {r.lesson_index for r in response.entry_results} == {0}
+    (lesson,) = response.distinct_lessons
+    assert (lesson.time_spent_seconds, lesson.bookmark) == (1000, "b" * 4096)
+    assert len(response.lessons) == 0  # 1,000 copies of the row would not fit
 
 
 async def test_kill_9_during_batches_and_completions_leaves_no_partial_write(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -11,14 +11,20 @@ from lesson_progress import convert, errors
 from lesson_progress.page_tokens import PageTokens, page_size
 from lesson_progress.servicers.notes import NoteMethods
 from lesson_progress.store import ProgressStore
+from lesson_progress.store.database import Record
 from lesson_progress.store.events import EventStore
-from lesson_progress.store.heartbeats import HeartbeatStore
+from lesson_progress.store.heartbeats import (
+    OCCURRED_AT_RETENTION,
+    OCCURRED_AT_SKEW,
+    HeartbeatStore,
+)
 from lesson_progress.store.notes import NoteStore
 from lesson_progress.store.progress import PageCursor
 from lesson_progress.timestamps import from_micros, to_micros
 from lesson_progress.validation import Validator
 from lesson_progress.values import Heartbeat
 from lessonprogress.v1 import progress_service_pb2 as pb
+from lessonprogress.v1 import resources_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -52,6 +58,8 @@ class ProgressServicer(NoteMethods):
         tokens: PageTokens,
         *,
         max_heartbeat_seconds: int,
+        max_response_bytes: int = 4 * 1024 * 1024,
+        refused_seconds: Callable[[int], None] | None = None,
         notes: NoteStore | None = None,
     ) -> None:
         self.store = store
@@ -60,12 +68,34 @@ class ProgressServicer(NoteMethods):
         self.events = events
         self.tokens = tokens
         self.max_heartbeat_seconds = max_heartbeat_seconds
+        self.max_response_bytes = max_response_bytes
+        self._refused_seconds = refused_seconds
 
     def _heartbeat(self, request: pb.RecordTimeRequest, check: Validator) -> Heartbeat:
         user_id, course_id, lesson_id = _lesson_key(request, check)
         seconds = check.in_range("seconds", request.seconds, 1, self.max_heartbeat_seconds)
         request_id = check.optional_uuid("request_id", request.request_id)
-        return Heartbeat(user_id, course_id, lesson_id, seconds, request_id)
+        occurred_at = None
+        if request.HasField("occurred_at"):
+            occurred_at = check.recent_time(
+                "occurred_at",
+                request.occurred_at,
+                ahead=OCCURRED_AT_SKEW,
+                behind=OCCURRED_AT_RETENTION,
+            )
+        return Heartbeat(user_id, course_id, lesson_id, seconds, request_id, occurred_at)
+
+    def _count_refused(self, beats: list[Heartbeat], rows: list[Record]) -> None:
+        """Counts the seconds the time budget refused (entries this call applied)."""
+        if self._refused_seconds is None:
+            return
+        refused = sum(
+            beat.seconds - row["credited_seconds"]
+            for beat, row in zip(beats, rows, strict=True)
+            if row["applied"]
+        )
+        if refused:
+            self._refused_seconds(refused)
 
     async def StartLesson(
         self, request: pb.StartLessonRequest, context: Context
@@ -85,7 +115,10 @@ class ProgressServicer(NoteMethods):
         beat = self._heartbeat(request, check)
         check.done()
         row = await self.heartbeats.record_time(beat)
-        return pb.RecordTimeResponse(lesson=convert.lesson_progress(row))
+        self._count_refused([beat], [row])
+        return pb.RecordTimeResponse(
+            lesson=convert.lesson_progress(row), credited_seconds=row["credited_seconds"]
+        )
 
     async def BatchRecordTime(
         self, request: pb.BatchRecordTimeRequest, context: Context
@@ -102,7 +135,8 @@ class ProgressServicer(NoteMethods):
         _check_batch_request_ids(beats, check)
         check.done()
         rows = await self.heartbeats.batch_record_time(beats)
-        return pb.BatchRecordTimeResponse(lessons=[convert.lesson_progress(r) for r in rows])
+        self._count_refused(beats, rows)
+        return batch_response(rows, self.max_response_bytes)
 
     async def RecordAttempt(
         self, request: pb.RecordAttemptRequest, context: Context
@@ -259,3 +293,38 @@ def _check_batch_request_ids(beats: list[Heartbeat], check: Validator) -> None:
                 field, "RecordTime", other.course_id, other.lesson_id, f"requests[{other_index}]"
             )
             check.fail(field, use.description)
+
+
+# Bytes a repeated message field adds beyond the message itself (tag and length), at most.
+_FIELD_OVERHEAD = 6
+
+
+def batch_response(rows: list[Record], limit: int) -> pb.BatchRecordTimeResponse:
+    """The response of BatchRecordTime, within ``limit`` bytes: each lesson once with a
+    result per entry; the per-entry ``lessons`` too when they fit, the bookmarks only when
+    they fit."""
+    indexes: dict[tuple[object, object, object], int] = {}
+    distinct: list[resources_pb2.LessonProgress] = []
+    results = []
+    for row in rows:
+        key = (row["user_id"], row["course_id"], row["lesson_id"])
+        index = indexes.get(key)
+        if index is None:
+            index = indexes[key] = len(distinct)
+            distinct.append(convert.lesson_progress(row))
+        results.append(
+            pb.BatchRecordTimeEntryResult(
+                lesson_index=index, credited_seconds=row["credited_seconds"]
+            )
+        )
+    response = pb.BatchRecordTimeResponse(distinct_lessons=distinct, entry_results=results)
+    sizes = [lesson.ByteSize() + _FIELD_OVERHEAD for lesson in distinct]
+    size = response.ByteSize()
+    if size + sum(sizes[result.lesson_index] for result in results) <= limit:
+        response.lessons.extend(distinct[result.lesson_index] for result in results)
+    elif size > limit:
+        for lesson in response.distinct_lessons:
+            lesson.ClearField("bookmark")
+            lesson.ClearField("bookmarked_at")
+        response.bookmarks_omitted = True
+    return response

@@ -19,111 +19,32 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from lesson_progress import errors
-from lesson_progress.store.checks import (
-    PROGRESS_COLUMNS,
-    ensure_lesson,
-    explain_empty_write,
-    in_outline,
-)
+from lesson_progress.store.checks import ensure_lesson
 from lesson_progress.store.database import Connection, Database, Record, call_deadline
 from lesson_progress.values import Heartbeat
 
 H = TypeVar("H")
 
-METHOD = "RecordTime"
-
-# One heartbeat: $1 user, $2 course, $3 lesson, $4 seconds, $5 request id (or NULL); the
-# function of migration 0004 (on Citus it runs on the course's worker in one round trip).
-RECORD_TIME = f"""
-SELECT {PROGRESS_COLUMNS}
-FROM lp_record_time($1::uuid, $2::uuid, $3::varchar, $4::integer, $5::uuid)
+# Heartbeats as parallel arrays, in one call of the function of migration 0007: outline and
+# request-id checks, the time budget (learner clocks locked in user_id order), the claims,
+# then the lesson rows upserted with the credited seconds (summed per lesson, in key order,
+# so concurrent calls cannot deadlock). One row per entry, in order: `missing` (lesson
+# outside its outline), `reused_*` (where a request id of another call was first used),
+# `credited_seconds`, `applied` (false: a replay), and the lesson row (NULL fields when
+# none). $9: all-or-nothing (BatchRecordTime) or independent entries (heartbeats merged by
+# ``record_time``).
+HEARTBEATS = """
+SELECT idx, missing, reused_method, reused_course_id, reused_lesson_id, credited_seconds,
+       applied, (progress).*
+FROM lp_record_heartbeats($1::uuid[], $2::uuid[], $3::varchar[], $4::integer[], $5::uuid[],
+                          $6::timestamptz[], $7::integer, $8::integer, $9::boolean)
 """
 
-# Heartbeats as five parallel arrays, summed per lesson, in one statement. Entries are
-# numbered by their place in the request; a request id counts for its first entry only.
-# Rows are upserted in key order so that concurrent statements lock them in the same order
-# and cannot deadlock. {valid} decides what an entry naming a lesson outside its outline,
-# or reusing a request id of another call, does to the others: all-or-nothing for
-# BatchRecordTime, nothing for independent heartbeats merged by ``record_time``. An entry
-# reusing a request id comes back with where that id was first used.
-_HEARTBEATS = f"""
-WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::varchar[], $4::integer[], $5::uuid[])
-        WITH ORDINALITY AS t(user_id, course_id, lesson_id, seconds, request_id, idx)
-),
-missing AS (
-    SELECT i.idx FROM input i
-    WHERE NOT {in_outline("i.course_id", "i.lesson_id")}
-),
-reused AS (
-    SELECT i.idx, r.method AS first_method, r.course_id::text AS first_course_id,
-           r.lesson_id AS first_lesson_id
-    FROM input i
-    JOIN processed_requests r
-      ON r.user_id = i.user_id AND r.request_id = i.request_id AND r.course_id = i.course_id
-    WHERE (r.method, r.lesson_id) IS DISTINCT FROM ('{METHOD}', i.lesson_id)
-),
-valid AS (
-    SELECT i.* FROM input i WHERE {{valid}}
-),
-first_use AS (
-    SELECT DISTINCT ON (user_id, request_id, course_id)
-           idx, user_id, request_id, course_id, lesson_id
-    FROM valid WHERE request_id IS NOT NULL
-    ORDER BY user_id, request_id, course_id, idx
-),
-claimed AS (
-    INSERT INTO processed_requests (user_id, request_id, method, course_id, lesson_id)
-    SELECT user_id, request_id, '{METHOD}', course_id, lesson_id FROM first_use
-    ORDER BY user_id, request_id, course_id
-    ON CONFLICT DO NOTHING
-    RETURNING user_id, request_id, course_id
-),
-accepted AS (
-    SELECT v.user_id, v.course_id, v.lesson_id, v.seconds FROM valid v
-    WHERE v.request_id IS NULL
-       OR v.idx IN (
-           SELECT f.idx FROM first_use f JOIN claimed c USING (user_id, request_id, course_id)
-       )
-),
-summed AS (
-    SELECT user_id, course_id, lesson_id, sum(seconds) AS seconds FROM accepted
-    GROUP BY user_id, course_id, lesson_id
-),
-upserted AS (
-    INSERT INTO lesson_progress AS lp
-        (user_id, course_id, lesson_id, time_spent_seconds, last_accessed_at)
-    SELECT user_id, course_id, lesson_id, seconds, clock_timestamp() FROM summed
-    ORDER BY user_id, course_id, lesson_id
-    ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
-    SET time_spent_seconds = lp.time_spent_seconds + EXCLUDED.time_spent_seconds,
-        last_accessed_at = GREATEST(lp.last_accessed_at, EXCLUDED.last_accessed_at)
-    RETURNING {PROGRESS_COLUMNS}
-),
-result AS (
-    SELECT * FROM upserted
-    UNION ALL
-    SELECT {PROGRESS_COLUMNS} FROM lesson_progress p
-    WHERE (p.user_id, p.course_id, p.lesson_id) IN (
-        SELECT user_id, course_id, lesson_id FROM valid
-        EXCEPT SELECT user_id, course_id, lesson_id FROM summed
-    )
-)
-SELECT i.idx, i.idx IN (SELECT idx FROM missing) AS missing,
-       u.first_method AS reused_method, u.first_course_id AS reused_course_id,
-       u.first_lesson_id AS reused_lesson_id, r.*
-FROM input i
-LEFT JOIN reused u USING (idx)
-LEFT JOIN result r USING (user_id, course_id, lesson_id)
-ORDER BY i.idx
-"""
-
-BATCH_RECORD_TIME = _HEARTBEATS.format(
-    valid="NOT EXISTS (SELECT FROM missing) AND NOT EXISTS (SELECT FROM reused)"
-)
-INDEPENDENT_HEARTBEATS = _HEARTBEATS.format(
-    valid="i.idx NOT IN (SELECT idx FROM missing UNION ALL SELECT idx FROM reused)"
-)
+#: How far back an entry's occurred_at may go (seconds), and so how long a learner's clock
+#: keeps the time it credited.
+OCCURRED_AT_RETENTION = 7 * 24 * 3600
+#: How far ahead of the server's clock an occurred_at may be (seconds): clock skew.
+OCCURRED_AT_SKEW = 60
 
 
 def _reuse(field: str, row: Record) -> errors.RequestIdUse:
@@ -133,14 +54,22 @@ def _reuse(field: str, row: Record) -> errors.RequestIdUse:
     )
 
 
+def statement_arguments(
+    heartbeats: list[Heartbeat], allowance_seconds: int, all_or_nothing: bool
+) -> tuple[object, ...]:
+    """The arguments of ``HEARTBEATS`` for these heartbeats."""
+    return (*_columns(heartbeats), allowance_seconds, OCCURRED_AT_RETENTION, all_or_nothing)
+
+
 def _columns(heartbeats: list[Heartbeat]) -> tuple[list[object], ...]:
-    """The heartbeats as the five parallel arrays the heartbeat statements take."""
+    """The heartbeats as the six parallel arrays the heartbeat statement takes."""
     return (
         [h.user_id for h in heartbeats],
         [h.course_id for h in heartbeats],
         [h.lesson_id for h in heartbeats],
         [h.seconds for h in heartbeats],
         [h.request_id for h in heartbeats],
+        [h.occurred_at for h in heartbeats],
     )
 
 
@@ -290,9 +219,15 @@ class HeartbeatStore:
     """Adds heartbeat seconds to lesson rows, at most ``slots`` statements at once."""
 
     def __init__(
-        self, database: Database, *, slots: int | None = None, max_batch: int = 500
+        self,
+        database: Database,
+        *,
+        slots: int | None = None,
+        max_batch: int = 500,
+        allowance_seconds: int = 300,
     ) -> None:
         self.database = database
+        self.allowance_seconds = allowance_seconds
         # Leave some connections for everything else while heartbeats are merged.
         self._writer: HeartbeatWriter[Heartbeat] = HeartbeatWriter(
             self._write_one,
@@ -308,25 +243,20 @@ class HeartbeatStore:
         return await self._writer.write(heartbeat)
 
     async def _write_one(self, h: Heartbeat) -> Record:
-        """One heartbeat in one statement; explains an empty result with a second query."""
+        """One heartbeat in a statement of its own; its row, or its error raised."""
+        outcome = (await self._write_many([h]))[0]
+        if isinstance(outcome, errors.ServiceError):
+            raise outcome
+        return outcome
 
-        async def work(connection: Connection) -> Record:
-            row = await connection.fetchrow(
-                RECORD_TIME, h.user_id, h.course_id, h.lesson_id, h.seconds, h.request_id
-            )
-            if row is not None:
-                return row
-            return await explain_empty_write(
-                connection, METHOD, h.user_id, h.course_id, h.lesson_id, h.request_id
-            )
-
-        return await self.database.run(work, lock_timeout=LOCK_WAIT)
+    def _arguments(self, heartbeats: list[Heartbeat], all_or_nothing: bool) -> tuple[object, ...]:
+        return statement_arguments(heartbeats, self.allowance_seconds, all_or_nothing)
 
     async def _write_many(self, heartbeats: list[Heartbeat]) -> list[Record | errors.ServiceError]:
         """Independent heartbeats in one statement; per entry its row or its own error."""
 
         async def work(connection: Connection) -> list[Record | errors.ServiceError]:
-            rows = await connection.fetch(INDEPENDENT_HEARTBEATS, *_columns(heartbeats))
+            rows = await connection.fetch(HEARTBEATS, *self._arguments(heartbeats, False))
             outcomes: list[Record | errors.ServiceError] = []
             for heartbeat, row in zip(heartbeats, rows, strict=True):
                 if row["missing"]:
@@ -351,10 +281,10 @@ class HeartbeatStore:
 
     async def batch_record_time(self, heartbeats: list[Heartbeat]) -> list[Record]:
         """Adds every heartbeat atomically; returns one row per entry, in order."""
-        columns = _columns(heartbeats)
+        arguments = self._arguments(heartbeats, True)
 
         async def work(connection: Connection) -> list[Record]:
-            rows = await connection.fetch(BATCH_RECORD_TIME, *columns)
+            rows = await connection.fetch(HEARTBEATS, *arguments)
             missing = [row["idx"] - 1 for row in rows if row["missing"]]
             if missing:
                 first = heartbeats[missing[0]]

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from lessonprogress.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
@@ -84,6 +85,7 @@ class RecordTimeRequest(_message.Message):
     LESSON_ID_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The learner: a UUID."""
     course_id: _builtins.str
@@ -96,6 +98,13 @@ class RecordTimeRequest(_message.Message):
     """Optional idempotency key (AIP-155): a UUID. Empty means no deduplication. Remembered
     per learner and course: the same id in another course is a separate write.
     """
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the heartbeat's time was spent (its end), for clients that sync later; unset
+        means now. At most 60 s ahead of the server's clock and at most 7 days old, else
+        INVALID_ARGUMENT. The time budget credits the heartbeat against this time.
+        """
+
     def __init__(
         self,
         *,
@@ -104,10 +113,11 @@ class RecordTimeRequest(_message.Message):
         lesson_id: _builtins.str = ...,
         seconds: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "lesson_id", b"lesson_id", "request_id", b"request_id", "seconds", b"seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_id", b"course_id", "lesson_id", b"lesson_id", "occurred_at", b"occurred_at", "request_id", b"request_id", "seconds", b"seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -120,6 +130,11 @@ class RecordTimeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LESSON_FIELD_NUMBER: _builtins.int
+    CREDITED_SECONDS_FIELD_NUMBER: _builtins.int
+    credited_seconds: _builtins.int
+    """Seconds this heartbeat added to the lesson under the time budget: 0 to the request's
+    `seconds` (for a replayed request id, what the first call was credited).
+    """
     @_builtins.property
     def lesson(self) -> _resources_pb2.LessonProgress:
         """The lesson progress after the call."""
@@ -128,10 +143,11 @@ class RecordTimeResponse(_message.Message):
         self,
         *,
         lesson: _resources_pb2.LessonProgress | None = ...,
+        credited_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lesson", b"lesson"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lesson", b"lesson"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credited_seconds", b"credited_seconds", "lesson", b"lesson"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -163,29 +179,82 @@ Global___BatchRecordTimeRequest: _TypeAlias = BatchRecordTimeRequest  # noqa: Y0
 
 @_typing.final
 class BatchRecordTimeResponse(_message.Message):
-    """Response of BatchRecordTime."""
+    """Response of BatchRecordTime. Every response fits the server's message limit (4 MiB by
+    default): `distinct_lessons` and `entry_results` always come; the per-entry `lessons`
+    only when they fit too.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LESSONS_FIELD_NUMBER: _builtins.int
+    DISTINCT_LESSONS_FIELD_NUMBER: _builtins.int
+    ENTRY_RESULTS_FIELD_NUMBER: _builtins.int
+    BOOKMARKS_OMITTED_FIELD_NUMBER: _builtins.int
+    bookmarks_omitted: _builtins.bool
+    """True when `distinct_lessons` carry no bookmarks because they would not fit the
+    message limit (read them with GetLessonProgress).
+    """
     @_builtins.property
     def lessons(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.LessonProgress]:
         """One lesson progress per request entry, in request order, each as it stands after the
-        whole batch (entries for the same lesson all show the summed state).
+        whole batch (entries for the same lesson all show the summed state). Deprecated: empty
+        when it would not fit the message limit (many entries on lessons with large
+        bookmarks); read `distinct_lessons` through `entry_results` instead.
         """
+
+    @_builtins.property
+    def distinct_lessons(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.LessonProgress]:
+        """Each lesson the batch touched, once, as it stands after the whole batch, in the order
+        of first appearance in the request. Without bookmarks (`bookmark` and
+        `bookmarked_at` unset) when they would not fit the message limit; then
+        `bookmarks_omitted` is true.
+        """
+
+    @_builtins.property
+    def entry_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchRecordTimeEntryResult]:
+        """One result per request entry, in request order."""
 
     def __init__(
         self,
         *,
         lessons: _abc.Iterable[_resources_pb2.LessonProgress] | None = ...,
+        distinct_lessons: _abc.Iterable[_resources_pb2.LessonProgress] | None = ...,
+        entry_results: _abc.Iterable[Global___BatchRecordTimeEntryResult] | None = ...,
+        bookmarks_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lessons", b"lessons"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bookmarks_omitted", b"bookmarks_omitted", "distinct_lessons", b"distinct_lessons", "entry_results", b"entry_results", "lessons", b"lessons"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchRecordTimeResponse: _TypeAlias = BatchRecordTimeResponse  # noqa: Y015
+
+@_typing.final
+class BatchRecordTimeEntryResult(_message.Message):
+    """The outcome of one BatchRecordTime entry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LESSON_INDEX_FIELD_NUMBER: _builtins.int
+    CREDITED_SECONDS_FIELD_NUMBER: _builtins.int
+    lesson_index: _builtins.int
+    """The entry's lesson: an index into `distinct_lessons`."""
+    credited_seconds: _builtins.int
+    """Seconds this entry added under the time budget (see RecordTime): 0 to its `seconds`."""
+    def __init__(
+        self,
+        *,
+        lesson_index: _builtins.int = ...,
+        credited_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credited_seconds", b"credited_seconds", "lesson_index", b"lesson_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchRecordTimeEntryResult: _TypeAlias = BatchRecordTimeEntryResult  # noqa: Y015
 
 @_typing.final
 class RecordAttemptRequest(_message.Message):

@@ -177,8 +177,20 @@ class ProgressServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RecordTime(self, request, context):
-        """Adds heartbeat time to a lesson: `time_spent_seconds += seconds`, and moves
+        """Adds heartbeat time to a lesson: `time_spent_seconds += credited_seconds`, and moves
         `last_accessed_at`.
+
+        The time budget: credited time never outruns the wall clock. A heartbeat of `seconds`
+        at time t (now, or `occurred_at`) stands for wall-clock time just before t; per learner
+        (across all lessons and courses) no wall-clock second is credited twice. The heartbeat
+        is credited with the latest `seconds` of wall-clock time in [t - seconds - allowance, t)
+        not yet credited to the learner (allowance: a server setting, 300 s by default, which
+        absorbs the jitter of heartbeat timers). So heartbeats sent as often as the time they
+        report are credited in full, and faster ones only in part or not at all: over any
+        period, the seconds credited to a learner's calls are at most the period's length plus
+        one heartbeat plus the allowance. `credited_seconds` in the response says what was
+        added. Times count in whole seconds. A replay of an applied `request_id` credits
+        nothing more (and consumes no budget) and reports what the first call was credited.
 
         Returns INVALID_ARGUMENT for a malformed identifier or `seconds` outside 1..max (max is
         a server setting, 300 by default), NOT_FOUND if the course is not registered or the
@@ -191,10 +203,16 @@ class ProgressServiceServicer:
     def BatchRecordTime(self, request, context):
         """Adds many heartbeats in one call, atomically: either every entry is applied or none.
         Entries for the same lesson add up; each entry's `request_id` is honoured on its own.
+        Each entry is credited under the time budget of RecordTime, in request order, at its
+        `occurred_at` (clients that were offline send when each heartbeat happened): a
+        genuine offline history (heartbeats that do not overlap in time) is credited in full, a
+        fabricated one (overlapping times, more seconds than their time span) only in part.
 
-        Returns INVALID_ARGUMENT naming `requests[i].<field>` if any entry is malformed, or if
-        there are no entries or more than 1,000; NOT_FOUND if any entry names an unregistered
-        course or a lesson outside its outline; OUT_OF_RANGE if a total would overflow.
+        Returns INVALID_ARGUMENT naming `requests[i].<field>` if any entry is malformed
+        (`requests[i].occurred_at` more than 60 s ahead of the server's clock or more than 7
+        days old), or if there are no entries or more than 1,000; NOT_FOUND if any entry names
+        an unregistered course or a lesson outside its outline; OUT_OF_RANGE if a total would
+        overflow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

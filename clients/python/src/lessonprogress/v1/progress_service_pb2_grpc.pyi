@@ -64,8 +64,20 @@ class ProgressServiceStub:
     registered or the lesson is not in its outline.
     """
     RecordTime: _grpc.UnaryUnaryMultiCallable[_progress_service_pb2.RecordTimeRequest, _progress_service_pb2.RecordTimeResponse]
-    """Adds heartbeat time to a lesson: `time_spent_seconds += seconds`, and moves
+    """Adds heartbeat time to a lesson: `time_spent_seconds += credited_seconds`, and moves
     `last_accessed_at`.
+
+    The time budget: credited time never outruns the wall clock. A heartbeat of `seconds`
+    at time t (now, or `occurred_at`) stands for wall-clock time just before t; per learner
+    (across all lessons and courses) no wall-clock second is credited twice. The heartbeat
+    is credited with the latest `seconds` of wall-clock time in [t - seconds - allowance, t)
+    not yet credited to the learner (allowance: a server setting, 300 s by default, which
+    absorbs the jitter of heartbeat timers). So heartbeats sent as often as the time they
+    report are credited in full, and faster ones only in part or not at all: over any
+    period, the seconds credited to a learner's calls are at most the period's length plus
+    one heartbeat plus the allowance. `credited_seconds` in the response says what was
+    added. Times count in whole seconds. A replay of an applied `request_id` credits
+    nothing more (and consumes no budget) and reports what the first call was credited.
 
     Returns INVALID_ARGUMENT for a malformed identifier or `seconds` outside 1..max (max is
     a server setting, 300 by default), NOT_FOUND if the course is not registered or the
@@ -74,10 +86,16 @@ class ProgressServiceStub:
     BatchRecordTime: _grpc.UnaryUnaryMultiCallable[_progress_service_pb2.BatchRecordTimeRequest, _progress_service_pb2.BatchRecordTimeResponse]
     """Adds many heartbeats in one call, atomically: either every entry is applied or none.
     Entries for the same lesson add up; each entry's `request_id` is honoured on its own.
+    Each entry is credited under the time budget of RecordTime, in request order, at its
+    `occurred_at` (clients that were offline send when each heartbeat happened): a
+    genuine offline history (heartbeats that do not overlap in time) is credited in full, a
+    fabricated one (overlapping times, more seconds than their time span) only in part.
 
-    Returns INVALID_ARGUMENT naming `requests[i].<field>` if any entry is malformed, or if
-    there are no entries or more than 1,000; NOT_FOUND if any entry names an unregistered
-    course or a lesson outside its outline; OUT_OF_RANGE if a total would overflow.
+    Returns INVALID_ARGUMENT naming `requests[i].<field>` if any entry is malformed
+    (`requests[i].occurred_at` more than 60 s ahead of the server's clock or more than 7
+    days old), or if there are no entries or more than 1,000; NOT_FOUND if any entry names
+    an unregistered course or a lesson outside its outline; OUT_OF_RANGE if a total would
+    overflow.
     """
     RecordAttempt: _grpc.UnaryUnaryMultiCallable[_progress_service_pb2.RecordAttemptRequest, _progress_service_pb2.RecordAttemptResponse]
     """Records a scored attempt (quiz, assessment): `attempts += 1`, `score` keeps the best
@@ -228,8 +246,20 @@ class ProgressServiceAsyncStub(ProgressServiceStub):
     registered or the lesson is not in its outline.
     """
     RecordTime: _aio.UnaryUnaryMultiCallable[_progress_service_pb2.RecordTimeRequest, _progress_service_pb2.RecordTimeResponse]  # type: ignore[assignment]
-    """Adds heartbeat time to a lesson: `time_spent_seconds += seconds`, and moves
+    """Adds heartbeat time to a lesson: `time_spent_seconds += credited_seconds`, and moves
     `last_accessed_at`.
+
+    The time budget: credited time never outruns the wall clock. A heartbeat of `seconds`
+    at time t (now, or `occurred_at`) stands for wall-clock time just before t; per learner
+    (across all lessons and courses) no wall-clock second is credited twice. The heartbeat
+    is credited with the latest `seconds` of wall-clock time in [t - seconds - allowance, t)
+    not yet credited to the learner (allowance: a server setting, 300 s by default, which
+    absorbs the jitter of heartbeat timers). So heartbeats sent as often as the time they
+    report are credited in full, and faster ones only in part or not at all: over any
+    period, the seconds credited to a learner's calls are at most the period's length plus
+    one heartbeat plus the allowance. `credited_seconds` in the response says what was
+    added. Times count in whole seconds. A replay of an applied `request_id` credits
+    nothing more (and consumes no budget) and reports what the first call was credited.
 
     Returns INVALID_ARGUMENT for a malformed identifier or `seconds` outside 1..max (max is
     a server setting, 300 by default), NOT_FOUND if the course is not registered or the
@@ -238,10 +268,16 @@ class ProgressServiceAsyncStub(ProgressServiceStub):
     BatchRecordTime: _aio.UnaryUnaryMultiCallable[_progress_service_pb2.BatchRecordTimeRequest, _progress_service_pb2.BatchRecordTimeResponse]  # type: ignore[assignment]
     """Adds many heartbeats in one call, atomically: either every entry is applied or none.
     Entries for the same lesson add up; each entry's `request_id` is honoured on its own.
+    Each entry is credited under the time budget of RecordTime, in request order, at its
+    `occurred_at` (clients that were offline send when each heartbeat happened): a
+    genuine offline history (heartbeats that do not overlap in time) is credited in full, a
+    fabricated one (overlapping times, more seconds than their time span) only in part.
 
-    Returns INVALID_ARGUMENT naming `requests[i].<field>` if any entry is malformed, or if
-    there are no entries or more than 1,000; NOT_FOUND if any entry names an unregistered
-    course or a lesson outside its outline; OUT_OF_RANGE if a total would overflow.
+    Returns INVALID_ARGUMENT naming `requests[i].<field>` if any entry is malformed
+    (`requests[i].occurred_at` more than 60 s ahead of the server's clock or more than 7
+    days old), or if there are no entries or more than 1,000; NOT_FOUND if any entry names
+    an unregistered course or a lesson outside its outline; OUT_OF_RANGE if a total would
+    overflow.
     """
     RecordAttempt: _aio.UnaryUnaryMultiCallable[_progress_service_pb2.RecordAttemptRequest, _progress_service_pb2.RecordAttemptResponse]  # type: ignore[assignment]
     """Records a scored attempt (quiz, assessment): `attempts += 1`, `score` keeps the best
@@ -401,8 +437,20 @@ class ProgressServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _progress_service_pb2.RecordTimeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_progress_service_pb2.RecordTimeResponse, _abc.Awaitable[_progress_service_pb2.RecordTimeResponse]]:
-        """Adds heartbeat time to a lesson: `time_spent_seconds += seconds`, and moves
+        """Adds heartbeat time to a lesson: `time_spent_seconds += credited_seconds`, and moves
         `last_accessed_at`.
+
+        The time budget: credited time never outruns the wall clock. A heartbeat of `seconds`
+        at time t (now, or `occurred_at`) stands for wall-clock time just before t; per learner
+        (across all lessons and courses) no wall-clock second is credited twice. The heartbeat
+        is credited with the latest `seconds` of wall-clock time in [t - seconds - allowance, t)
+        not yet credited to the learner (allowance: a server setting, 300 s by default, which
+        absorbs the jitter of heartbeat timers). So heartbeats sent as often as the time they
+        report are credited in full, and faster ones only in part or not at all: over any
+        period, the seconds credited to a learner's calls are at most the period's length plus
+        one heartbeat plus the allowance. `credited_seconds` in the response says what was
+        added. Times count in whole seconds. A replay of an applied `request_id` credits
+        nothing more (and consumes no budget) and reports what the first call was credited.
 
         Returns INVALID_ARGUMENT for a malformed identifier or `seconds` outside 1..max (max is
         a server setting, 300 by default), NOT_FOUND if the course is not registered or the
@@ -417,10 +465,16 @@ class ProgressServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_progress_service_pb2.BatchRecordTimeResponse, _abc.Awaitable[_progress_service_pb2.BatchRecordTimeResponse]]:
         """Adds many heartbeats in one call, atomically: either every entry is applied or none.
         Entries for the same lesson add up; each entry's `request_id` is honoured on its own.
+        Each entry is credited under the time budget of RecordTime, in request order, at its
+        `occurred_at` (clients that were offline send when each heartbeat happened): a
+        genuine offline history (heartbeats that do not overlap in time) is credited in full, a
+        fabricated one (overlapping times, more seconds than their time span) only in part.
 
-        Returns INVALID_ARGUMENT naming `requests[i].<field>` if any entry is malformed, or if
-        there are no entries or more than 1,000; NOT_FOUND if any entry names an unregistered
-        course or a lesson outside its outline; OUT_OF_RANGE if a total would overflow.
+        Returns INVALID_ARGUMENT naming `requests[i].<field>` if any entry is malformed
+        (`requests[i].occurred_at` more than 60 s ahead of the server's clock or more than 7
+        days old), or if there are no entries or more than 1,000; NOT_FOUND if any entry names
+        an unregistered course or a lesson outside its outline; OUT_OF_RANGE if a total would
+        overflow.
         """
 
     @_abc_1.abstractmethod

@@ -4,6 +4,8 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Attempt, CourseProgress, LessonProgress, Note, ProgressEvent } from "./resources_pb.js";
 import { file_lessonprogress_v1_resources } from "./resources_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -12,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file lessonprogress/v1/progress_service.proto.
  */
 export const file_lessonprogress_v1_progress_service: GenFile = /*@__PURE__*/
-  fileDesc("CihsZXNzb25wcm9ncmVzcy92MS9wcm9ncmVzc19zZXJ2aWNlLnByb3RvEhFsZXNzb25wcm9ncmVzcy52MSJLChJTdGFydExlc3NvblJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJIkgKE1N0YXJ0TGVzc29uUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MibwoRUmVjb3JkVGltZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEg8KB3NlY29uZHMYBCABKAUSEgoKcmVxdWVzdF9pZBgFIAEoCSJHChJSZWNvcmRUaW1lUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MiUAoWQmF0Y2hSZWNvcmRUaW1lUmVxdWVzdBI2CghyZXF1ZXN0cxgBIAMoCzIkLmxlc3NvbnByb2dyZXNzLnYxLlJlY29yZFRpbWVSZXF1ZXN0Ik0KF0JhdGNoUmVjb3JkVGltZVJlc3BvbnNlEjIKB2xlc3NvbnMYASADKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcyJ/ChRSZWNvcmRBdHRlbXB0UmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglsZXNzb25faWQYAyABKAkSEgoFc2NvcmUYBCABKAVIAIgBARISCgpyZXF1ZXN0X2lkGAUgASgJQggKBl9zY29yZSJaChVSZWNvcmRBdHRlbXB0UmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MSDgoGcGFzc2VkGAIgASgIIoABChVDb21wbGV0ZUxlc3NvblJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEhIKBXNjb3JlGAQgASgFSACIAQESEgoKcmVxdWVzdF9pZBgFIAEoCUIICgZfc2NvcmUifgoWQ29tcGxldGVMZXNzb25SZXNwb25zZRIxCgZsZXNzb24YASABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcxIxCgZjb3Vyc2UYAiABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5Db3Vyc2VQcm9ncmVzcyJRChhHZXRMZXNzb25Qcm9ncmVzc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJIk4KGUdldExlc3NvblByb2dyZXNzUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MifgoZTGlzdExlc3NvblByb2dyZXNzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCRIWCg5jb21wbGV0ZWRfb25seRgFIAEoCCJpChpMaXN0TGVzc29uUHJvZ3Jlc3NSZXNwb25zZRIyCgdsZXNzb25zGAEgAygLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIj4KGEdldENvdXJzZVByb2dyZXNzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCSJOChlHZXRDb3Vyc2VQcm9ncmVzc1Jlc3BvbnNlEjEKBmNvdXJzZRgBIAEoCzIhLmxlc3NvbnByb2dyZXNzLnYxLkNvdXJzZVByb2dyZXNzIiwKGURlbGV0ZVVzZXJQcm9ncmVzc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSI1ChpEZWxldGVVc2VyUHJvZ3Jlc3NSZXNwb25zZRIXCg9kZWxldGVkX2xlc3NvbnMYASABKAMicwoTTGlzdEF0dGVtcHRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglsZXNzb25faWQYAyABKAkSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiXQoUTGlzdEF0dGVtcHRzUmVzcG9uc2USLAoIYXR0ZW1wdHMYASADKAsyGi5sZXNzb25wcm9ncmVzcy52MS5BdHRlbXB0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJeChNTYXZlQm9va21hcmtSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJY291cnNlX2lkGAIgASgJEhEKCWxlc3Nvbl9pZBgDIAEoCRIQCghwb3NpdGlvbhgEIAEoCSJJChRTYXZlQm9va21hcmtSZXNwb25zZRIxCgZsZXNzb24YASABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcyJSChRXYXRjaFByb2dyZXNzUmVxdWVzdBIRCgljb3Vyc2VfaWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRIWCg5hZnRlcl9ldmVudF9pZBgDIAEoAyJIChVXYXRjaFByb2dyZXNzUmVzcG9uc2USLwoFZXZlbnQYASABKAsyIC5sZXNzb25wcm9ncmVzcy52MS5Qcm9ncmVzc0V2ZW50InwKEUNyZWF0ZU5vdGVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJY291cnNlX2lkGAIgASgJEhEKCWxlc3Nvbl9pZBgDIAEoCRIOCgZhbmNob3IYBCABKAkSDAoEYm9keRgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgJIjsKEkNyZWF0ZU5vdGVSZXNwb25zZRIlCgRub3RlGAEgASgLMhcubGVzc29ucHJvZ3Jlc3MudjEuTm90ZSKYAQoRVXBkYXRlTm90ZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSDwoHbm90ZV9pZBgDIAEoCRITCgZhbmNob3IYBCABKAlIAIgBARIRCgRib2R5GAUgASgJSAGIAQESEgoKcmVxdWVzdF9pZBgGIAEoCUIJCgdfYW5jaG9yQgcKBV9ib2R5IjsKElVwZGF0ZU5vdGVSZXNwb25zZRIlCgRub3RlGAEgASgLMhcubGVzc29ucHJvZ3Jlc3MudjEuTm90ZSJcChFEZWxldGVOb3RlUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIPCgdub3RlX2lkGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkiFAoSRGVsZXRlTm90ZVJlc3BvbnNlInAKEExpc3ROb3Rlc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIlQKEUxpc3ROb3Rlc1Jlc3BvbnNlEiYKBW5vdGVzGAEgAygLMhcubGVzc29ucHJvZ3Jlc3MudjEuTm90ZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAky1gwKD1Byb2dyZXNzU2VydmljZRJcCgtTdGFydExlc3NvbhIlLmxlc3NvbnByb2dyZXNzLnYxLlN0YXJ0TGVzc29uUmVxdWVzdBomLmxlc3NvbnByb2dyZXNzLnYxLlN0YXJ0TGVzc29uUmVzcG9uc2USWQoKUmVjb3JkVGltZRIkLmxlc3NvbnByb2dyZXNzLnYxLlJlY29yZFRpbWVSZXF1ZXN0GiUubGVzc29ucHJvZ3Jlc3MudjEuUmVjb3JkVGltZVJlc3BvbnNlEmgKD0JhdGNoUmVjb3JkVGltZRIpLmxlc3NvbnByb2dyZXNzLnYxLkJhdGNoUmVjb3JkVGltZVJlcXVlc3QaKi5sZXNzb25wcm9ncmVzcy52MS5CYXRjaFJlY29yZFRpbWVSZXNwb25zZRJiCg1SZWNvcmRBdHRlbXB0EicubGVzc29ucHJvZ3Jlc3MudjEuUmVjb3JkQXR0ZW1wdFJlcXVlc3QaKC5sZXNzb25wcm9ncmVzcy52MS5SZWNvcmRBdHRlbXB0UmVzcG9uc2USZQoOQ29tcGxldGVMZXNzb24SKC5sZXNzb25wcm9ncmVzcy52MS5Db21wbGV0ZUxlc3NvblJlcXVlc3QaKS5sZXNzb25wcm9ncmVzcy52MS5Db21wbGV0ZUxlc3NvblJlc3BvbnNlEm4KEUdldExlc3NvblByb2dyZXNzEisubGVzc29ucHJvZ3Jlc3MudjEuR2V0TGVzc29uUHJvZ3Jlc3NSZXF1ZXN0GiwubGVzc29ucHJvZ3Jlc3MudjEuR2V0TGVzc29uUHJvZ3Jlc3NSZXNwb25zZRJxChJMaXN0TGVzc29uUHJvZ3Jlc3MSLC5sZXNzb25wcm9ncmVzcy52MS5MaXN0TGVzc29uUHJvZ3Jlc3NSZXF1ZXN0Gi0ubGVzc29ucHJvZ3Jlc3MudjEuTGlzdExlc3NvblByb2dyZXNzUmVzcG9uc2USbgoRR2V0Q291cnNlUHJvZ3Jlc3MSKy5sZXNzb25wcm9ncmVzcy52MS5HZXRDb3Vyc2VQcm9ncmVzc1JlcXVlc3QaLC5sZXNzb25wcm9ncmVzcy52MS5HZXRDb3Vyc2VQcm9ncmVzc1Jlc3BvbnNlEnEKEkRlbGV0ZVVzZXJQcm9ncmVzcxIsLmxlc3NvbnByb2dyZXNzLnYxLkRlbGV0ZVVzZXJQcm9ncmVzc1JlcXVlc3QaLS5sZXNzb25wcm9ncmVzcy52MS5EZWxldGVVc2VyUHJvZ3Jlc3NSZXNwb25zZRJfCgxMaXN0QXR0ZW1wdHMSJi5sZXNzb25wcm9ncmVzcy52MS5MaXN0QXR0ZW1wdHNSZXF1ZXN0GicubGVzc29ucHJvZ3Jlc3MudjEuTGlzdEF0dGVtcHRzUmVzcG9uc2USXwoMU2F2ZUJvb2ttYXJrEiYubGVzc29ucHJvZ3Jlc3MudjEuU2F2ZUJvb2ttYXJrUmVxdWVzdBonLmxlc3NvbnByb2dyZXNzLnYxLlNhdmVCb29rbWFya1Jlc3BvbnNlEmQKDVdhdGNoUHJvZ3Jlc3MSJy5sZXNzb25wcm9ncmVzcy52MS5XYXRjaFByb2dyZXNzUmVxdWVzdBooLmxlc3NvbnByb2dyZXNzLnYxLldhdGNoUHJvZ3Jlc3NSZXNwb25zZTABElkKCkNyZWF0ZU5vdGUSJC5sZXNzb25wcm9ncmVzcy52MS5DcmVhdGVOb3RlUmVxdWVzdBolLmxlc3NvbnByb2dyZXNzLnYxLkNyZWF0ZU5vdGVSZXNwb25zZRJZCgpVcGRhdGVOb3RlEiQubGVzc29ucHJvZ3Jlc3MudjEuVXBkYXRlTm90ZVJlcXVlc3QaJS5sZXNzb25wcm9ncmVzcy52MS5VcGRhdGVOb3RlUmVzcG9uc2USWQoKRGVsZXRlTm90ZRIkLmxlc3NvbnByb2dyZXNzLnYxLkRlbGV0ZU5vdGVSZXF1ZXN0GiUubGVzc29ucHJvZ3Jlc3MudjEuRGVsZXRlTm90ZVJlc3BvbnNlElYKCUxpc3ROb3RlcxIjLmxlc3NvbnByb2dyZXNzLnYxLkxpc3ROb3Rlc1JlcXVlc3QaJC5sZXNzb25wcm9ncmVzcy52MS5MaXN0Tm90ZXNSZXNwb25zZWIGcHJvdG8z", [file_lessonprogress_v1_resources]);
+  fileDesc("CihsZXNzb25wcm9ncmVzcy92MS9wcm9ncmVzc19zZXJ2aWNlLnByb3RvEhFsZXNzb25wcm9ncmVzcy52MSJLChJTdGFydExlc3NvblJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJIkgKE1N0YXJ0TGVzc29uUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MioAEKEVJlY29yZFRpbWVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJY291cnNlX2lkGAIgASgJEhEKCWxlc3Nvbl9pZBgDIAEoCRIPCgdzZWNvbmRzGAQgASgFEhIKCnJlcXVlc3RfaWQYBSABKAkSLwoLb2NjdXJyZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImEKElJlY29yZFRpbWVSZXNwb25zZRIxCgZsZXNzb24YASABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcxIYChBjcmVkaXRlZF9zZWNvbmRzGAIgASgFIlAKFkJhdGNoUmVjb3JkVGltZVJlcXVlc3QSNgoIcmVxdWVzdHMYASADKAsyJC5sZXNzb25wcm9ncmVzcy52MS5SZWNvcmRUaW1lUmVxdWVzdCLrAQoXQmF0Y2hSZWNvcmRUaW1lUmVzcG9uc2USMgoHbGVzc29ucxgBIAMoCzIhLmxlc3NvbnByb2dyZXNzLnYxLkxlc3NvblByb2dyZXNzEjsKEGRpc3RpbmN0X2xlc3NvbnMYAiADKAsyIS5sZXNzb25wcm9ncmVzcy52MS5MZXNzb25Qcm9ncmVzcxJECg1lbnRyeV9yZXN1bHRzGAMgAygLMi0ubGVzc29ucHJvZ3Jlc3MudjEuQmF0Y2hSZWNvcmRUaW1lRW50cnlSZXN1bHQSGQoRYm9va21hcmtzX29taXR0ZWQYBCABKAgiTAoaQmF0Y2hSZWNvcmRUaW1lRW50cnlSZXN1bHQSFAoMbGVzc29uX2luZGV4GAEgASgFEhgKEGNyZWRpdGVkX3NlY29uZHMYAiABKAUifwoUUmVjb3JkQXR0ZW1wdFJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEhIKBXNjb3JlGAQgASgFSACIAQESEgoKcmVxdWVzdF9pZBgFIAEoCUIICgZfc2NvcmUiWgoVUmVjb3JkQXR0ZW1wdFJlc3BvbnNlEjEKBmxlc3NvbhgBIAEoCzIhLmxlc3NvbnByb2dyZXNzLnYxLkxlc3NvblByb2dyZXNzEg4KBnBhc3NlZBgCIAEoCCKAAQoVQ29tcGxldGVMZXNzb25SZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJY291cnNlX2lkGAIgASgJEhEKCWxlc3Nvbl9pZBgDIAEoCRISCgVzY29yZRgEIAEoBUgAiAEBEhIKCnJlcXVlc3RfaWQYBSABKAlCCAoGX3Njb3JlIn4KFkNvbXBsZXRlTGVzc29uUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MSMQoGY291cnNlGAIgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuQ291cnNlUHJvZ3Jlc3MiUQoYR2V0TGVzc29uUHJvZ3Jlc3NSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJY291cnNlX2lkGAIgASgJEhEKCWxlc3Nvbl9pZBgDIAEoCSJOChlHZXRMZXNzb25Qcm9ncmVzc1Jlc3BvbnNlEjEKBmxlc3NvbhgBIAEoCzIhLmxlc3NvbnByb2dyZXNzLnYxLkxlc3NvblByb2dyZXNzIn4KGUxpc3RMZXNzb25Qcm9ncmVzc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkSFgoOY29tcGxldGVkX29ubHkYBSABKAgiaQoaTGlzdExlc3NvblByb2dyZXNzUmVzcG9uc2USMgoHbGVzc29ucxgBIAMoCzIhLmxlc3NvbnByb2dyZXNzLnYxLkxlc3NvblByb2dyZXNzEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI+ChhHZXRDb3Vyc2VQcm9ncmVzc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkiTgoZR2V0Q291cnNlUHJvZ3Jlc3NSZXNwb25zZRIxCgZjb3Vyc2UYASABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5Db3Vyc2VQcm9ncmVzcyIsChlEZWxldGVVc2VyUHJvZ3Jlc3NSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiNQoaRGVsZXRlVXNlclByb2dyZXNzUmVzcG9uc2USFwoPZGVsZXRlZF9sZXNzb25zGAEgASgDInMKE0xpc3RBdHRlbXB0c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSEQoJbGVzc29uX2lkGAMgASgJEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIl0KFExpc3RBdHRlbXB0c1Jlc3BvbnNlEiwKCGF0dGVtcHRzGAEgAygLMhoubGVzc29ucHJvZ3Jlc3MudjEuQXR0ZW1wdBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiXgoTU2F2ZUJvb2ttYXJrUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglsZXNzb25faWQYAyABKAkSEAoIcG9zaXRpb24YBCABKAkiSQoUU2F2ZUJvb2ttYXJrUmVzcG9uc2USMQoGbGVzc29uGAEgASgLMiEubGVzc29ucHJvZ3Jlc3MudjEuTGVzc29uUHJvZ3Jlc3MiUgoUV2F0Y2hQcm9ncmVzc1JlcXVlc3QSEQoJY291cnNlX2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSFgoOYWZ0ZXJfZXZlbnRfaWQYAyABKAMiSAoVV2F0Y2hQcm9ncmVzc1Jlc3BvbnNlEi8KBWV2ZW50GAEgASgLMiAubGVzc29ucHJvZ3Jlc3MudjEuUHJvZ3Jlc3NFdmVudCJ8ChFDcmVhdGVOb3RlUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWNvdXJzZV9pZBgCIAEoCRIRCglsZXNzb25faWQYAyABKAkSDgoGYW5jaG9yGAQgASgJEgwKBGJvZHkYBSABKAkSEgoKcmVxdWVzdF9pZBgGIAEoCSI7ChJDcmVhdGVOb3RlUmVzcG9uc2USJQoEbm90ZRgBIAEoCzIXLmxlc3NvbnByb2dyZXNzLnYxLk5vdGUimAEKEVVwZGF0ZU5vdGVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJY291cnNlX2lkGAIgASgJEg8KB25vdGVfaWQYAyABKAkSEwoGYW5jaG9yGAQgASgJSACIAQESEQoEYm9keRgFIAEoCUgBiAEBEhIKCnJlcXVlc3RfaWQYBiABKAlCCQoHX2FuY2hvckIHCgVfYm9keSI7ChJVcGRhdGVOb3RlUmVzcG9uc2USJQoEbm90ZRgBIAEoCzIXLmxlc3NvbnByb2dyZXNzLnYxLk5vdGUiXAoRRGVsZXRlTm90ZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCgljb3Vyc2VfaWQYAiABKAkSDwoHbm90ZV9pZBgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJIhQKEkRlbGV0ZU5vdGVSZXNwb25zZSJwChBMaXN0Tm90ZXNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJY291cnNlX2lkGAIgASgJEhEKCWxlc3Nvbl9pZBgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJUChFMaXN0Tm90ZXNSZXNwb25zZRImCgVub3RlcxgBIAMoCzIXLmxlc3NvbnByb2dyZXNzLnYxLk5vdGUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJMtYMCg9Qcm9ncmVzc1NlcnZpY2USXAoLU3RhcnRMZXNzb24SJS5sZXNzb25wcm9ncmVzcy52MS5TdGFydExlc3NvblJlcXVlc3QaJi5sZXNzb25wcm9ncmVzcy52MS5TdGFydExlc3NvblJlc3BvbnNlElkKClJlY29yZFRpbWUSJC5sZXNzb25wcm9ncmVzcy52MS5SZWNvcmRUaW1lUmVxdWVzdBolLmxlc3NvbnByb2dyZXNzLnYxLlJlY29yZFRpbWVSZXNwb25zZRJoCg9CYXRjaFJlY29yZFRpbWUSKS5sZXNzb25wcm9ncmVzcy52MS5CYXRjaFJlY29yZFRpbWVSZXF1ZXN0GioubGVzc29ucHJvZ3Jlc3MudjEuQmF0Y2hSZWNvcmRUaW1lUmVzcG9uc2USYgoNUmVjb3JkQXR0ZW1wdBInLmxlc3NvbnByb2dyZXNzLnYxLlJlY29yZEF0dGVtcHRSZXF1ZXN0GigubGVzc29ucHJvZ3Jlc3MudjEuUmVjb3JkQXR0ZW1wdFJlc3BvbnNlEmUKDkNvbXBsZXRlTGVzc29uEigubGVzc29ucHJvZ3Jlc3MudjEuQ29tcGxldGVMZXNzb25SZXF1ZXN0GikubGVzc29ucHJvZ3Jlc3MudjEuQ29tcGxldGVMZXNzb25SZXNwb25zZRJuChFHZXRMZXNzb25Qcm9ncmVzcxIrLmxlc3NvbnByb2dyZXNzLnYxLkdldExlc3NvblByb2dyZXNzUmVxdWVzdBosLmxlc3NvbnByb2dyZXNzLnYxLkdldExlc3NvblByb2dyZXNzUmVzcG9uc2UScQoSTGlzdExlc3NvblByb2dyZXNzEiwubGVzc29ucHJvZ3Jlc3MudjEuTGlzdExlc3NvblByb2dyZXNzUmVxdWVzdBotLmxlc3NvbnByb2dyZXNzLnYxLkxpc3RMZXNzb25Qcm9ncmVzc1Jlc3BvbnNlEm4KEUdldENvdXJzZVByb2dyZXNzEisubGVzc29ucHJvZ3Jlc3MudjEuR2V0Q291cnNlUHJvZ3Jlc3NSZXF1ZXN0GiwubGVzc29ucHJvZ3Jlc3MudjEuR2V0Q291cnNlUHJvZ3Jlc3NSZXNwb25zZRJxChJEZWxldGVVc2VyUHJvZ3Jlc3MSLC5sZXNzb25wcm9ncmVzcy52MS5EZWxldGVVc2VyUHJvZ3Jlc3NSZXF1ZXN0Gi0ubGVzc29ucHJvZ3Jlc3MudjEuRGVsZXRlVXNlclByb2dyZXNzUmVzcG9uc2USXwoMTGlzdEF0dGVtcHRzEiYubGVzc29ucHJvZ3Jlc3MudjEuTGlzdEF0dGVtcHRzUmVxdWVzdBonLmxlc3NvbnByb2dyZXNzLnYxLkxpc3RBdHRlbXB0c1Jlc3BvbnNlEl8KDFNhdmVCb29rbWFyaxImLmxlc3NvbnByb2dyZXNzLnYxLlNhdmVCb29rbWFya1JlcXVlc3QaJy5sZXNzb25wcm9ncmVzcy52MS5TYXZlQm9va21hcmtSZXNwb25zZRJkCg1XYXRjaFByb2dyZXNzEicubGVzc29ucHJvZ3Jlc3MudjEuV2F0Y2hQcm9ncmVzc1JlcXVlc3QaKC5sZXNzb25wcm9ncmVzcy52MS5XYXRjaFByb2dyZXNzUmVzcG9uc2UwARJZCgpDcmVhdGVOb3RlEiQubGVzc29ucHJvZ3Jlc3MudjEuQ3JlYXRlTm90ZVJlcXVlc3QaJS5sZXNzb25wcm9ncmVzcy52MS5DcmVhdGVOb3RlUmVzcG9uc2USWQoKVXBkYXRlTm90ZRIkLmxlc3NvbnByb2dyZXNzLnYxLlVwZGF0ZU5vdGVSZXF1ZXN0GiUubGVzc29ucHJvZ3Jlc3MudjEuVXBkYXRlTm90ZVJlc3BvbnNlElkKCkRlbGV0ZU5vdGUSJC5sZXNzb25wcm9ncmVzcy52MS5EZWxldGVOb3RlUmVxdWVzdBolLmxlc3NvbnByb2dyZXNzLnYxLkRlbGV0ZU5vdGVSZXNwb25zZRJWCglMaXN0Tm90ZXMSIy5sZXNzb25wcm9ncmVzcy52MS5MaXN0Tm90ZXNSZXF1ZXN0GiQubGVzc29ucHJvZ3Jlc3MudjEuTGlzdE5vdGVzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_lessonprogress_v1_resources]);
 
 /**
  * Request of StartLesson.
@@ -111,6 +113,15 @@ export type RecordTimeRequest = Message<"lessonprogress.v1.RecordTimeRequest"> &
    * @generated from field: string request_id = 5;
    */
   requestId: string;
+
+  /**
+   * When the heartbeat's time was spent (its end), for clients that sync later; unset
+   * means now. At most 60 s ahead of the server's clock and at most 7 days old, else
+   * INVALID_ARGUMENT. The time budget credits the heartbeat against this time.
+   *
+   * @generated from field: google.protobuf.Timestamp occurred_at = 6;
+   */
+  occurredAt?: Timestamp | undefined;
 };
 
 /**
@@ -132,6 +143,14 @@ export type RecordTimeResponse = Message<"lessonprogress.v1.RecordTimeResponse">
    * @generated from field: lessonprogress.v1.LessonProgress lesson = 1;
    */
   lesson?: LessonProgress | undefined;
+
+  /**
+   * Seconds this heartbeat added to the lesson under the time budget: 0 to the request's
+   * `seconds` (for a replayed request id, what the first call was credited).
+   *
+   * @generated from field: int32 credited_seconds = 2;
+   */
+  creditedSeconds: number;
 };
 
 /**
@@ -163,18 +182,47 @@ export const BatchRecordTimeRequestSchema: GenMessage<BatchRecordTimeRequest> = 
   messageDesc(file_lessonprogress_v1_progress_service, 4);
 
 /**
- * Response of BatchRecordTime.
+ * Response of BatchRecordTime. Every response fits the server's message limit (4 MiB by
+ * default): `distinct_lessons` and `entry_results` always come; the per-entry `lessons`
+ * only when they fit too.
  *
  * @generated from message lessonprogress.v1.BatchRecordTimeResponse
  */
 export type BatchRecordTimeResponse = Message<"lessonprogress.v1.BatchRecordTimeResponse"> & {
   /**
    * One lesson progress per request entry, in request order, each as it stands after the
-   * whole batch (entries for the same lesson all show the summed state).
+   * whole batch (entries for the same lesson all show the summed state). Deprecated: empty
+   * when it would not fit the message limit (many entries on lessons with large
+   * bookmarks); read `distinct_lessons` through `entry_results` instead.
    *
    * @generated from field: repeated lessonprogress.v1.LessonProgress lessons = 1;
    */
   lessons: LessonProgress[];
+
+  /**
+   * Each lesson the batch touched, once, as it stands after the whole batch, in the order
+   * of first appearance in the request. Without bookmarks (`bookmark` and
+   * `bookmarked_at` unset) when they would not fit the message limit; then
+   * `bookmarks_omitted` is true.
+   *
+   * @generated from field: repeated lessonprogress.v1.LessonProgress distinct_lessons = 2;
+   */
+  distinctLessons: LessonProgress[];
+
+  /**
+   * One result per request entry, in request order.
+   *
+   * @generated from field: repeated lessonprogress.v1.BatchRecordTimeEntryResult entry_results = 3;
+   */
+  entryResults: BatchRecordTimeEntryResult[];
+
+  /**
+   * True when `distinct_lessons` carry no bookmarks because they would not fit the
+   * message limit (read them with GetLessonProgress).
+   *
+   * @generated from field: bool bookmarks_omitted = 4;
+   */
+  bookmarksOmitted: boolean;
 };
 
 /**
@@ -183,6 +231,34 @@ export type BatchRecordTimeResponse = Message<"lessonprogress.v1.BatchRecordTime
  */
 export const BatchRecordTimeResponseSchema: GenMessage<BatchRecordTimeResponse> = /*@__PURE__*/
   messageDesc(file_lessonprogress_v1_progress_service, 5);
+
+/**
+ * The outcome of one BatchRecordTime entry.
+ *
+ * @generated from message lessonprogress.v1.BatchRecordTimeEntryResult
+ */
+export type BatchRecordTimeEntryResult = Message<"lessonprogress.v1.BatchRecordTimeEntryResult"> & {
+  /**
+   * The entry's lesson: an index into `distinct_lessons`.
+   *
+   * @generated from field: int32 lesson_index = 1;
+   */
+  lessonIndex: number;
+
+  /**
+   * Seconds this entry added under the time budget (see RecordTime): 0 to its `seconds`.
+   *
+   * @generated from field: int32 credited_seconds = 2;
+   */
+  creditedSeconds: number;
+};
+
+/**
+ * Describes the message lessonprogress.v1.BatchRecordTimeEntryResult.
+ * Use `create(BatchRecordTimeEntryResultSchema)` to create a new message.
+ */
+export const BatchRecordTimeEntryResultSchema: GenMessage<BatchRecordTimeEntryResult> = /*@__PURE__*/
+  messageDesc(file_lessonprogress_v1_progress_service, 6);
 
 /**
  * Request of RecordAttempt.
@@ -232,7 +308,7 @@ export type RecordAttemptRequest = Message<"lessonprogress.v1.RecordAttemptReque
  * Use `create(RecordAttemptRequestSchema)` to create a new message.
  */
 export const RecordAttemptRequestSchema: GenMessage<RecordAttemptRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 6);
+  messageDesc(file_lessonprogress_v1_progress_service, 7);
 
 /**
  * Response of RecordAttempt.
@@ -260,7 +336,7 @@ export type RecordAttemptResponse = Message<"lessonprogress.v1.RecordAttemptResp
  * Use `create(RecordAttemptResponseSchema)` to create a new message.
  */
 export const RecordAttemptResponseSchema: GenMessage<RecordAttemptResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 7);
+  messageDesc(file_lessonprogress_v1_progress_service, 8);
 
 /**
  * Request of CompleteLesson.
@@ -311,7 +387,7 @@ export type CompleteLessonRequest = Message<"lessonprogress.v1.CompleteLessonReq
  * Use `create(CompleteLessonRequestSchema)` to create a new message.
  */
 export const CompleteLessonRequestSchema: GenMessage<CompleteLessonRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 8);
+  messageDesc(file_lessonprogress_v1_progress_service, 9);
 
 /**
  * Response of CompleteLesson.
@@ -339,7 +415,7 @@ export type CompleteLessonResponse = Message<"lessonprogress.v1.CompleteLessonRe
  * Use `create(CompleteLessonResponseSchema)` to create a new message.
  */
 export const CompleteLessonResponseSchema: GenMessage<CompleteLessonResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 9);
+  messageDesc(file_lessonprogress_v1_progress_service, 10);
 
 /**
  * Request of GetLessonProgress.
@@ -374,7 +450,7 @@ export type GetLessonProgressRequest = Message<"lessonprogress.v1.GetLessonProgr
  * Use `create(GetLessonProgressRequestSchema)` to create a new message.
  */
 export const GetLessonProgressRequestSchema: GenMessage<GetLessonProgressRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 10);
+  messageDesc(file_lessonprogress_v1_progress_service, 11);
 
 /**
  * Response of GetLessonProgress.
@@ -395,7 +471,7 @@ export type GetLessonProgressResponse = Message<"lessonprogress.v1.GetLessonProg
  * Use `create(GetLessonProgressResponseSchema)` to create a new message.
  */
 export const GetLessonProgressResponseSchema: GenMessage<GetLessonProgressResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 11);
+  messageDesc(file_lessonprogress_v1_progress_service, 12);
 
 /**
  * Request of ListLessonProgress.
@@ -446,7 +522,7 @@ export type ListLessonProgressRequest = Message<"lessonprogress.v1.ListLessonPro
  * Use `create(ListLessonProgressRequestSchema)` to create a new message.
  */
 export const ListLessonProgressRequestSchema: GenMessage<ListLessonProgressRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 12);
+  messageDesc(file_lessonprogress_v1_progress_service, 13);
 
 /**
  * Response of ListLessonProgress.
@@ -474,7 +550,7 @@ export type ListLessonProgressResponse = Message<"lessonprogress.v1.ListLessonPr
  * Use `create(ListLessonProgressResponseSchema)` to create a new message.
  */
 export const ListLessonProgressResponseSchema: GenMessage<ListLessonProgressResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 13);
+  messageDesc(file_lessonprogress_v1_progress_service, 14);
 
 /**
  * Request of GetCourseProgress.
@@ -502,7 +578,7 @@ export type GetCourseProgressRequest = Message<"lessonprogress.v1.GetCourseProgr
  * Use `create(GetCourseProgressRequestSchema)` to create a new message.
  */
 export const GetCourseProgressRequestSchema: GenMessage<GetCourseProgressRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 14);
+  messageDesc(file_lessonprogress_v1_progress_service, 15);
 
 /**
  * Response of GetCourseProgress.
@@ -523,7 +599,7 @@ export type GetCourseProgressResponse = Message<"lessonprogress.v1.GetCourseProg
  * Use `create(GetCourseProgressResponseSchema)` to create a new message.
  */
 export const GetCourseProgressResponseSchema: GenMessage<GetCourseProgressResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 15);
+  messageDesc(file_lessonprogress_v1_progress_service, 16);
 
 /**
  * Request of DeleteUserProgress.
@@ -544,7 +620,7 @@ export type DeleteUserProgressRequest = Message<"lessonprogress.v1.DeleteUserPro
  * Use `create(DeleteUserProgressRequestSchema)` to create a new message.
  */
 export const DeleteUserProgressRequestSchema: GenMessage<DeleteUserProgressRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 16);
+  messageDesc(file_lessonprogress_v1_progress_service, 17);
 
 /**
  * Response of DeleteUserProgress.
@@ -565,7 +641,7 @@ export type DeleteUserProgressResponse = Message<"lessonprogress.v1.DeleteUserPr
  * Use `create(DeleteUserProgressResponseSchema)` to create a new message.
  */
 export const DeleteUserProgressResponseSchema: GenMessage<DeleteUserProgressResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 17);
+  messageDesc(file_lessonprogress_v1_progress_service, 18);
 
 /**
  * Request of ListAttempts.
@@ -615,7 +691,7 @@ export type ListAttemptsRequest = Message<"lessonprogress.v1.ListAttemptsRequest
  * Use `create(ListAttemptsRequestSchema)` to create a new message.
  */
 export const ListAttemptsRequestSchema: GenMessage<ListAttemptsRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 18);
+  messageDesc(file_lessonprogress_v1_progress_service, 19);
 
 /**
  * Response of ListAttempts.
@@ -643,7 +719,7 @@ export type ListAttemptsResponse = Message<"lessonprogress.v1.ListAttemptsRespon
  * Use `create(ListAttemptsResponseSchema)` to create a new message.
  */
 export const ListAttemptsResponseSchema: GenMessage<ListAttemptsResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 19);
+  messageDesc(file_lessonprogress_v1_progress_service, 20);
 
 /**
  * Request of SaveBookmark.
@@ -686,7 +762,7 @@ export type SaveBookmarkRequest = Message<"lessonprogress.v1.SaveBookmarkRequest
  * Use `create(SaveBookmarkRequestSchema)` to create a new message.
  */
 export const SaveBookmarkRequestSchema: GenMessage<SaveBookmarkRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 20);
+  messageDesc(file_lessonprogress_v1_progress_service, 21);
 
 /**
  * Response of SaveBookmark.
@@ -707,7 +783,7 @@ export type SaveBookmarkResponse = Message<"lessonprogress.v1.SaveBookmarkRespon
  * Use `create(SaveBookmarkResponseSchema)` to create a new message.
  */
 export const SaveBookmarkResponseSchema: GenMessage<SaveBookmarkResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 21);
+  messageDesc(file_lessonprogress_v1_progress_service, 22);
 
 /**
  * Request of WatchProgress.
@@ -744,7 +820,7 @@ export type WatchProgressRequest = Message<"lessonprogress.v1.WatchProgressReque
  * Use `create(WatchProgressRequestSchema)` to create a new message.
  */
 export const WatchProgressRequestSchema: GenMessage<WatchProgressRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 22);
+  messageDesc(file_lessonprogress_v1_progress_service, 23);
 
 /**
  * Response of WatchProgress: one per event.
@@ -765,7 +841,7 @@ export type WatchProgressResponse = Message<"lessonprogress.v1.WatchProgressResp
  * Use `create(WatchProgressResponseSchema)` to create a new message.
  */
 export const WatchProgressResponseSchema: GenMessage<WatchProgressResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 23);
+  messageDesc(file_lessonprogress_v1_progress_service, 24);
 
 /**
  * Request of CreateNote.
@@ -823,7 +899,7 @@ export type CreateNoteRequest = Message<"lessonprogress.v1.CreateNoteRequest"> &
  * Use `create(CreateNoteRequestSchema)` to create a new message.
  */
 export const CreateNoteRequestSchema: GenMessage<CreateNoteRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 24);
+  messageDesc(file_lessonprogress_v1_progress_service, 25);
 
 /**
  * Response of CreateNote.
@@ -844,7 +920,7 @@ export type CreateNoteResponse = Message<"lessonprogress.v1.CreateNoteResponse">
  * Use `create(CreateNoteResponseSchema)` to create a new message.
  */
 export const CreateNoteResponseSchema: GenMessage<CreateNoteResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 25);
+  messageDesc(file_lessonprogress_v1_progress_service, 26);
 
 /**
  * Request of UpdateNote.
@@ -902,7 +978,7 @@ export type UpdateNoteRequest = Message<"lessonprogress.v1.UpdateNoteRequest"> &
  * Use `create(UpdateNoteRequestSchema)` to create a new message.
  */
 export const UpdateNoteRequestSchema: GenMessage<UpdateNoteRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 26);
+  messageDesc(file_lessonprogress_v1_progress_service, 27);
 
 /**
  * Response of UpdateNote.
@@ -923,7 +999,7 @@ export type UpdateNoteResponse = Message<"lessonprogress.v1.UpdateNoteResponse">
  * Use `create(UpdateNoteResponseSchema)` to create a new message.
  */
 export const UpdateNoteResponseSchema: GenMessage<UpdateNoteResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 27);
+  messageDesc(file_lessonprogress_v1_progress_service, 28);
 
 /**
  * Request of DeleteNote.
@@ -965,7 +1041,7 @@ export type DeleteNoteRequest = Message<"lessonprogress.v1.DeleteNoteRequest"> &
  * Use `create(DeleteNoteRequestSchema)` to create a new message.
  */
 export const DeleteNoteRequestSchema: GenMessage<DeleteNoteRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 28);
+  messageDesc(file_lessonprogress_v1_progress_service, 29);
 
 /**
  * Response of DeleteNote.
@@ -980,7 +1056,7 @@ export type DeleteNoteResponse = Message<"lessonprogress.v1.DeleteNoteResponse">
  * Use `create(DeleteNoteResponseSchema)` to create a new message.
  */
 export const DeleteNoteResponseSchema: GenMessage<DeleteNoteResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 29);
+  messageDesc(file_lessonprogress_v1_progress_service, 30);
 
 /**
  * Request of ListNotes.
@@ -1032,7 +1108,7 @@ export type ListNotesRequest = Message<"lessonprogress.v1.ListNotesRequest"> & {
  * Use `create(ListNotesRequestSchema)` to create a new message.
  */
 export const ListNotesRequestSchema: GenMessage<ListNotesRequest> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 30);
+  messageDesc(file_lessonprogress_v1_progress_service, 31);
 
 /**
  * Response of ListNotes.
@@ -1060,7 +1136,7 @@ export type ListNotesResponse = Message<"lessonprogress.v1.ListNotesResponse"> &
  * Use `create(ListNotesResponseSchema)` to create a new message.
  */
 export const ListNotesResponseSchema: GenMessage<ListNotesResponse> = /*@__PURE__*/
-  messageDesc(file_lessonprogress_v1_progress_service, 31);
+  messageDesc(file_lessonprogress_v1_progress_service, 32);
 
 /**
  * Records and reads one learner's progress through the lessons of registered courses.
@@ -1105,8 +1181,20 @@ export const ProgressService: GenService<{
     output: typeof StartLessonResponseSchema;
   },
   /**
-   * Adds heartbeat time to a lesson: `time_spent_seconds += seconds`, and moves
+   * Adds heartbeat time to a lesson: `time_spent_seconds += credited_seconds`, and moves
    * `last_accessed_at`.
+   *
+   * The time budget: credited time never outruns the wall clock. A heartbeat of `seconds`
+   * at time t (now, or `occurred_at`) stands for wall-clock time just before t; per learner
+   * (across all lessons and courses) no wall-clock second is credited twice. The heartbeat
+   * is credited with the latest `seconds` of wall-clock time in [t - seconds - allowance, t)
+   * not yet credited to the learner (allowance: a server setting, 300 s by default, which
+   * absorbs the jitter of heartbeat timers). So heartbeats sent as often as the time they
+   * report are credited in full, and faster ones only in part or not at all: over any
+   * period, the seconds credited to a learner's calls are at most the period's length plus
+   * one heartbeat plus the allowance. `credited_seconds` in the response says what was
+   * added. Times count in whole seconds. A replay of an applied `request_id` credits
+   * nothing more (and consumes no budget) and reports what the first call was credited.
    *
    * Returns INVALID_ARGUMENT for a malformed identifier or `seconds` outside 1..max (max is
    * a server setting, 300 by default), NOT_FOUND if the course is not registered or the
@@ -1122,10 +1210,16 @@ export const ProgressService: GenService<{
   /**
    * Adds many heartbeats in one call, atomically: either every entry is applied or none.
    * Entries for the same lesson add up; each entry's `request_id` is honoured on its own.
+   * Each entry is credited under the time budget of RecordTime, in request order, at its
+   * `occurred_at` (clients that were offline send when each heartbeat happened): a
+   * genuine offline history (heartbeats that do not overlap in time) is credited in full, a
+   * fabricated one (overlapping times, more seconds than their time span) only in part.
    *
-   * Returns INVALID_ARGUMENT naming `requests[i].<field>` if any entry is malformed, or if
-   * there are no entries or more than 1,000; NOT_FOUND if any entry names an unregistered
-   * course or a lesson outside its outline; OUT_OF_RANGE if a total would overflow.
+   * Returns INVALID_ARGUMENT naming `requests[i].<field>` if any entry is malformed
+   * (`requests[i].occurred_at` more than 60 s ahead of the server's clock or more than 7
+   * days old), or if there are no entries or more than 1,000; NOT_FOUND if any entry names
+   * an unregistered course or a lesson outside its outline; OUT_OF_RANGE if a total would
+   * overflow.
    *
    * @generated from rpc lessonprogress.v1.ProgressService.BatchRecordTime
    */

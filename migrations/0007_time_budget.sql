@@ -1,0 +1,259 @@
+-- The time budget: credited time never outruns the wall clock.
+--
+-- Per learner (one person has one clock, across every lesson and course), the seconds
+-- credited over any period may not exceed the wall-clock length of that period plus an
+-- allowance (a setting, 300 s by default). learner_clock.credited holds the wall-clock
+-- intervals already credited to the learner. A heartbeat of s seconds at time t (now, or
+-- the entry's occurred_at) takes up to s seconds of the latest wall-clock time in
+-- [t - s - allowance, t) that is not already credited; what it takes is what the lesson
+-- gets. So consecutive heartbeats every ~s seconds are credited in full, 300 s sent every
+-- second gets ~1 s each, an offline batch of past, non-overlapping heartbeats is credited
+-- in full, and N entries with the same occurred_at are credited once. Whole seconds
+-- (times truncated to the second) keep every sum an integer.
+--
+-- lp_record_heartbeats does RecordTime and BatchRecordTime (one entry or many, merged
+-- from several callers) in one call and one transaction: check the outline and request
+-- ids, lock the learners' clocks in user_id order (concurrent calls never deadlock and
+-- serialise per learner, whatever replica they come through), skip replays (an applied
+-- request id consumes no budget and reports what it was credited the first time), credit
+-- each entry in request order, claim its request id with its credited seconds, then upsert
+-- the lesson rows with the credited seconds.
+--
+-- On Citus, learner_clock is distributed by user_id in a co-location group of its own (a
+-- learner spans courses, so it cannot live with the course-distributed tables).
+-- lp_record_heartbeats is not a distributed function: it runs on the coordinator and each
+-- of its statements is a router query to the worker of the learner (clock) or of the
+-- course (claims, lesson rows); a write then commits on two workers (two-phase commit).
+-- docs/citus.md ("Time budget") gives the cost.
+SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
+
+CREATE TABLE learner_clock (
+    user_id  uuid PRIMARY KEY,
+    credited tstzmultirange NOT NULL DEFAULT '{}'
+);
+
+-- What a RecordTime request id was credited, so that a replay reports it (NULL for other
+-- methods, and for claims made before this migration: those were credited in full).
+ALTER TABLE processed_requests ADD COLUMN credited_seconds integer;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
+        PERFORM create_distributed_table('learner_clock', 'user_id', colocate_with => 'none');
+    END IF;
+END;
+$$;
+
+-- The core of the rule: credits up to p_seconds of the latest wall-clock time in
+-- [p_at - p_seconds - p_allowance, p_at) not in `covered`; returns the seconds credited and
+-- `covered` grown by the time taken.
+CREATE FUNCTION lp_credit_time(covered tstzmultirange, p_at timestamptz, p_seconds integer,
+                               p_allowance integer, OUT credited integer,
+                               OUT covered_after tstzmultirange)
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    free tstzmultirange := tstzmultirange(
+        tstzrange(p_at - make_interval(secs => p_seconds + p_allowance), p_at)) - covered;
+    r tstzrange;
+    want interval := make_interval(secs => p_seconds);
+    len interval;
+BEGIN
+    covered_after := covered;
+    credited := 0;
+    FOR r IN SELECT x FROM unnest(free) AS x ORDER BY lower(x) DESC LOOP
+        EXIT WHEN want <= interval '0';
+        len := upper(r) - lower(r);
+        IF len > want THEN
+            r := tstzrange(upper(r) - want, upper(r));
+            len := want;
+        END IF;
+        covered_after := covered_after + tstzmultirange(r);
+        want := want - len;
+        credited := credited + extract(epoch FROM len)::integer;
+    END LOOP;
+END;
+$$;
+
+-- Heartbeats as parallel arrays (entry i: p_user_ids[i], ...; p_at[i] NULL means now).
+-- Returns one row per entry, in order: whether its lesson is outside the outline, where its
+-- request id was first used if that was for another call, the seconds credited, and the
+-- lesson row after the call (all NULL fields when none). p_all_or_nothing: any missing
+-- lesson or reused request id writes nothing (BatchRecordTime; the store then raises);
+-- otherwise those entries are skipped and the others written (merged RecordTime calls).
+-- p_retention (seconds): how far back the clock is kept (older occurred_at are refused by
+-- the service).
+CREATE FUNCTION lp_record_heartbeats(
+    p_user_ids uuid[], p_course_ids uuid[], p_lesson_ids varchar[], p_seconds integer[],
+    p_request_ids uuid[], p_at timestamptz[], p_allowance integer, p_retention integer,
+    p_all_or_nothing boolean)
+RETURNS TABLE (idx bigint, missing boolean, reused_method text, reused_course_id text,
+               reused_lesson_id varchar, credited_seconds integer, applied boolean,
+               progress lesson_progress)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    n integer := cardinality(p_user_ids);
+    v_now timestamptz := date_trunc('second', now());
+    v_keep tstzmultirange;
+    v_missing bigint[];
+    v_reused bigint[];
+    v_skip bigint[];
+    v_first bigint[];
+    v_prior bigint[];
+    v_prior_credit integer[];
+    v_credited integer[] := array_fill(0, ARRAY[n]);
+    v_fresh boolean[] := array_fill(false, ARRAY[n]);
+    v_user uuid;
+    v_ord bigint;
+    v_pos integer;
+    v_clock tstzmultirange;
+    v_credit integer;
+    v_clock_user uuid;
+    v_claims bigint[] := '{}';
+    v_claimed integer;
+BEGIN
+    v_keep := tstzmultirange(tstzrange(v_now - make_interval(secs => p_retention + 3600), NULL));
+    -- Entries naming a lesson outside its outline, or a request id first used elsewhere.
+    SELECT COALESCE(array_agg(i.ord), '{}') INTO v_missing
+    FROM unnest(p_course_ids, p_lesson_ids) WITH ORDINALITY AS i(course_id, lesson_id, ord)
+    WHERE NOT EXISTS (SELECT FROM lessons l WHERE l.course_id = i.course_id
+                      AND l.lesson_id = i.lesson_id AND l.position IS NOT NULL);
+    SELECT COALESCE(array_agg(DISTINCT i.ord), '{}') INTO v_reused
+    FROM unnest(p_user_ids, p_course_ids, p_lesson_ids, p_request_ids)
+        WITH ORDINALITY AS i(user_id, course_id, lesson_id, request_id, ord)
+    JOIN processed_requests r
+      ON r.user_id = i.user_id AND r.request_id = i.request_id AND r.course_id = i.course_id
+    WHERE (r.method, r.lesson_id) IS DISTINCT FROM ('RecordTime', i.lesson_id);
+    v_skip := v_missing || v_reused;
+
+    IF NOT (p_all_or_nothing AND cardinality(v_skip) > 0) THEN
+        -- Lock the learners' clocks in user_id order.
+        FOR v_user IN
+            SELECT DISTINCT u.user_id FROM unnest(p_user_ids) WITH ORDINALITY AS u(user_id, ord)
+            WHERE NOT u.ord = ANY (v_skip) ORDER BY 1
+        LOOP
+            INSERT INTO learner_clock AS c (user_id) VALUES (v_user)
+            ON CONFLICT (user_id) DO UPDATE SET credited = c.credited;
+        END LOOP;
+        -- Per entry, the first entry of the call with its request id (itself if none), and
+        -- the entries whose request id an earlier call applied (read after the locks, so a
+        -- concurrent call's claim is seen).
+        SELECT array_agg(f.first ORDER BY f.ord) INTO v_first FROM (
+            SELECT i.ord, CASE WHEN i.request_id IS NULL THEN i.ord ELSE
+                       min(i.ord) OVER (PARTITION BY i.user_id, i.request_id, i.course_id) END
+                   AS first
+            FROM unnest(p_user_ids, p_course_ids, p_request_ids)
+                WITH ORDINALITY AS i(user_id, course_id, request_id, ord)
+        ) AS f;
+        SELECT COALESCE(array_agg(i.ord), '{}'),
+               COALESCE(array_agg(COALESCE(r.credited_seconds, p_seconds[i.ord])), '{}')
+        INTO v_prior, v_prior_credit
+        FROM unnest(p_user_ids, p_course_ids, p_request_ids)
+            WITH ORDINALITY AS i(user_id, course_id, request_id, ord)
+        JOIN processed_requests r
+          ON r.user_id = i.user_id AND r.request_id = i.request_id AND r.course_id = i.course_id
+        WHERE NOT i.ord = ANY (v_skip);
+        -- Credit each entry in order, learner after learner.
+        FOR v_user, v_ord IN
+            SELECT u.user_id, u.ord FROM unnest(p_user_ids) WITH ORDINALITY AS u(user_id, ord)
+            WHERE NOT u.ord = ANY (v_skip) ORDER BY u.user_id, u.ord
+        LOOP
+            IF v_clock_user IS DISTINCT FROM v_user THEN
+                IF v_clock_user IS NOT NULL THEN
+                    UPDATE learner_clock SET credited = v_clock * v_keep
+                    WHERE user_id = v_clock_user;
+                END IF;
+                SELECT credited INTO v_clock FROM learner_clock WHERE user_id = v_user;
+                v_clock_user := v_user;
+            END IF;
+            v_pos := array_position(v_prior, v_ord);
+            IF v_pos IS NOT NULL THEN  -- a replay of an earlier call
+                v_credited[v_ord] := v_prior_credit[v_pos];
+            ELSIF v_first[v_ord] <> v_ord THEN  -- a repeat of an entry of this call
+                v_credited[v_ord] := v_credited[v_first[v_ord]];
+            ELSE
+                SELECT t.credited, t.covered_after INTO v_credit, v_clock
+                FROM lp_credit_time(v_clock, date_trunc('second', COALESCE(p_at[v_ord], v_now)),
+                                    p_seconds[v_ord],
+                                    p_allowance) AS t;
+                v_credited[v_ord] := v_credit;
+                v_fresh[v_ord] := true;
+                IF p_request_ids[v_ord] IS NOT NULL THEN
+                    v_claims := v_claims || v_ord;
+                END IF;
+            END IF;
+        END LOOP;
+        IF v_clock_user IS NOT NULL THEN
+            UPDATE learner_clock SET credited = v_clock * v_keep WHERE user_id = v_clock_user;
+        END IF;
+        -- Claim the request ids with what they were credited. A claim that finds its id
+        -- taken meanwhile (by a call of another method, which takes no clock lock) would
+        -- have consumed budget: the whole call is rolled back and retried instead.
+        IF cardinality(v_claims) > 0 THEN
+            INSERT INTO processed_requests
+                (user_id, request_id, method, course_id, lesson_id, credited_seconds)
+            SELECT p_user_ids[o], p_request_ids[o], 'RecordTime', p_course_ids[o],
+                   p_lesson_ids[o], v_credited[o]
+            FROM unnest(v_claims) AS o
+            ORDER BY p_user_ids[o], p_request_ids[o], p_course_ids[o]
+            ON CONFLICT DO NOTHING;
+            GET DIAGNOSTICS v_claimed = ROW_COUNT;
+            IF v_claimed <> cardinality(v_claims) THEN
+                RAISE EXCEPTION 'a request id was claimed concurrently'
+                    USING ERRCODE = 'serialization_failure';
+            END IF;
+        END IF;
+    END IF;
+
+    RETURN QUERY
+    WITH input AS (
+        SELECT * FROM unnest(p_user_ids, p_course_ids, p_lesson_ids, p_request_ids, v_credited,
+                             v_fresh)
+            WITH ORDINALITY AS t(user_id, course_id, lesson_id, request_id, credited, fresh, ord)
+    ),
+    valid AS (
+        SELECT * FROM input
+        WHERE NOT ord = ANY (v_skip) AND NOT (p_all_or_nothing AND cardinality(v_skip) > 0)
+    ),
+    summed AS (
+        SELECT user_id, course_id, lesson_id, sum(credited)::integer AS seconds FROM valid
+        WHERE fresh GROUP BY user_id, course_id, lesson_id
+    ),
+    upserted AS (
+        INSERT INTO lesson_progress AS lp
+            (user_id, course_id, lesson_id, time_spent_seconds, last_accessed_at)
+        SELECT user_id, course_id, lesson_id, seconds, clock_timestamp() FROM summed
+        ORDER BY user_id, course_id, lesson_id
+        ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
+        SET time_spent_seconds = lp.time_spent_seconds + EXCLUDED.time_spent_seconds,
+            last_accessed_at = GREATEST(lp.last_accessed_at, EXCLUDED.last_accessed_at)
+        RETURNING lp AS lesson_row
+    ),
+    result AS (
+        SELECT lesson_row FROM upserted
+        UNION ALL
+        SELECT p AS lesson_row FROM lesson_progress p
+        WHERE (p.user_id, p.course_id, p.lesson_id) IN (
+            SELECT user_id, course_id, lesson_id FROM valid
+            EXCEPT SELECT user_id, course_id, lesson_id FROM summed
+        )
+    ),
+    reused AS (
+        SELECT DISTINCT ON (i.ord) i.ord, r.method, r.course_id::text AS first_course_id,
+               r.lesson_id AS first_lesson_id
+        FROM input i
+        JOIN processed_requests r
+          ON r.user_id = i.user_id AND r.request_id = i.request_id AND r.course_id = i.course_id
+        WHERE i.ord = ANY (v_reused)
+    )
+    SELECT i.ord, i.ord = ANY (v_missing), u.method, u.first_course_id, u.first_lesson_id,
+           CASE WHEN i.ord = ANY (v_skip) THEN NULL ELSE i.credited END, i.fresh,
+           r.lesson_row
+    FROM input i
+    LEFT JOIN reused u ON u.ord = i.ord
+    LEFT JOIN result r
+      ON (r.lesson_row).user_id = i.user_id AND (r.lesson_row).course_id = i.course_id
+         AND (r.lesson_row).lesson_id = i.lesson_id         AND NOT i.ord = ANY (v_skip)
+    ORDER BY i.ord;
+END;
+$$;
