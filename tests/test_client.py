@@ -14,6 +14,7 @@ import logging
 import shutil
 import tempfile
 import uuid
+from datetime import UTC, datetime, timedelta
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,29 @@ async def test_batch_record_time(client: ProgressClient) -> None:
     # The given request id was sent: repeating it adds nothing.
     again = await client.batch_record_time([Heartbeat(user, course_id, l1, 5, request_id=given)])
     assert again[0].time_spent_seconds == 15
+
+
+async def test_credited_seconds_and_occurred_at(client: ProgressClient) -> None:
+    course_id, l1 = await register(client, 1)
+    user = new_id()
+    hour_ago = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    # Two 60 s heartbeats a minute apart, an hour ago: credited in full.
+    results = await client.batch_record_time_credited(
+        [
+            Heartbeat(user, course_id, l1, 60, occurred_at=hour_ago),
+            Heartbeat(user, course_id, l1, 60, occurred_at=hour_ago + timedelta(minutes=1)),
+        ]
+    )
+    assert [(r.lesson.time_spent_seconds, r.credited_seconds) for r in results] == [
+        (120, 60),
+        (120, 60),
+    ]
+    # The same minute again: the budget (allowance 30 days on the test server) takes it from
+    # the time before, a second earlier minute; the response says how much was credited.
+    again = await client.record_time_credited(
+        user_id=user, course_id=course_id, lesson_id=l1, seconds=60, occurred_at=hour_ago
+    )
+    assert (again.lesson.time_spent_seconds, again.credited_seconds) == (180, 60)
 
 
 async def test_request_ids_given_are_honoured_and_generated_ones_are_fresh(

@@ -17,6 +17,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -68,6 +69,8 @@ class Heartbeat:
     """Seconds spent in one lesson: one entry of :meth:`ProgressClient.batch_record_time`.
 
     ``request_id`` is the entry's idempotency key; the client generates one when it is None.
+    ``occurred_at`` (an aware datetime) is when the time was spent, for clients that sync
+    later; None means now. The server credits the entry under its time budget at that time.
     """
 
     user_id: str
@@ -75,6 +78,16 @@ class Heartbeat:
     lesson_id: str
     seconds: int
     request_id: str | None = None
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credited:
+    """The outcome of one heartbeat: its lesson after the call, and the seconds the server's
+    time budget credited (0 to the heartbeat's ``seconds``)."""
+
+    lesson: LessonProgress
+    credited_seconds: int
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -88,13 +101,16 @@ def _request_id(given: str | None) -> str:
 def _heartbeat_request(entry: Heartbeat | RecordTimeRequest) -> RecordTimeRequest:
     """A batch entry as a request message with its request id fixed."""
     if isinstance(entry, Heartbeat):
-        return RecordTimeRequest(
+        request = RecordTimeRequest(
             user_id=entry.user_id,
             course_id=entry.course_id,
             lesson_id=entry.lesson_id,
             seconds=entry.seconds,
             request_id=_request_id(entry.request_id),
         )
+        if entry.occurred_at is not None:
+            request.occurred_at.FromDatetime(entry.occurred_at)
+        return request
     request = RecordTimeRequest()
     request.CopyFrom(entry)
     request.request_id = _request_id(entry.request_id)
@@ -349,22 +365,44 @@ class ProgressClient:
         lesson_id: str,
         seconds: int,
         request_id: str | None = None,
+        occurred_at: datetime | None = None,
         timeout: float | None = None,
     ) -> LessonProgress:
         """Adds ``seconds`` of heartbeat time to a lesson; returns the lesson progress.
 
         ``request_id`` (a UUID) makes the write idempotent; one is generated if not given,
-        and reused on every retry. INVALID_ARGUMENT for ``seconds`` outside 1..max.
+        and reused on every retry. INVALID_ARGUMENT for ``seconds`` outside 1..max. The
+        server's time budget may credit less than ``seconds``: ``record_time_credited``
+        says how much.
         """
-        request = progress_service_pb2.RecordTimeRequest(
+        credited = await self.record_time_credited(
             user_id=user_id,
             course_id=course_id,
             lesson_id=lesson_id,
             seconds=seconds,
-            request_id=_request_id(request_id),
+            request_id=request_id,
+            occurred_at=occurred_at,
+            timeout=timeout,
+        )
+        return credited.lesson
+
+    async def record_time_credited(
+        self,
+        *,
+        user_id: str,
+        course_id: str,
+        lesson_id: str,
+        seconds: int,
+        request_id: str | None = None,
+        occurred_at: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Credited:
+        """Like ``record_time``, with the seconds the time budget credited."""
+        request = _heartbeat_request(
+            Heartbeat(user_id, course_id, lesson_id, seconds, request_id, occurred_at)
         )
         response = await self._unary("RecordTime", self._progress.RecordTime, request, timeout)
-        return response.lesson
+        return Credited(response.lesson, response.credited_seconds)
 
     async def batch_record_time(
         self, heartbeats: Iterable[Heartbeat | RecordTimeRequest], *, timeout: float | None = None
@@ -374,13 +412,29 @@ class ProgressClient:
         Entries without a request id get a generated one, reused on every retry. One bad
         entry rejects the whole batch: INVALID_ARGUMENT naming ``requests[i].<field>``.
         """
+        results = await self.batch_record_time_credited(heartbeats, timeout=timeout)
+        return [result.lesson for result in results]
+
+    async def batch_record_time_credited(
+        self, heartbeats: Iterable[Heartbeat | RecordTimeRequest], *, timeout: float | None = None
+    ) -> list[Credited]:
+        """Like ``batch_record_time``, with the seconds the time budget credited each entry.
+
+        Entries on one lesson share one LessonProgress message. When the server left the
+        bookmarks out to fit its message limit, the lessons carry none (read them with
+        ``get_lesson_progress``).
+        """
         request = progress_service_pb2.BatchRecordTimeRequest(
             requests=[_heartbeat_request(entry) for entry in heartbeats]
         )
         response = await self._unary(
             "BatchRecordTime", self._progress.BatchRecordTime, request, timeout
         )
-        return list(response.lessons)
+        lessons = response.distinct_lessons
+        return [
+            Credited(lessons[result.lesson_index], result.credited_seconds)
+            for result in response.entry_results
+        ]
 
     async def record_attempt(
         self,
