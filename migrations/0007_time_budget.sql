@@ -99,17 +99,21 @@ DECLARE
     v_reused bigint[];
     v_skip bigint[];
     v_first bigint[];
-    v_prior bigint[];
-    v_prior_credit integer[];
+    v_prior integer[];
     v_credited integer[] := array_fill(0, ARRAY[n]);
     v_fresh boolean[] := array_fill(false, ARRAY[n]);
     v_user uuid;
     v_ord bigint;
-    v_pos integer;
     v_clock tstzmultirange;
     v_credit integer;
+    v_at timestamptz;
+    v_own tstzrange;
     v_clock_user uuid;
-    v_claims bigint[] := '{}';
+    v_claim_users uuid[] := '{}';
+    v_claim_ids uuid[] := '{}';
+    v_claim_courses uuid[] := '{}';
+    v_claim_lessons varchar[] := '{}';
+    v_claim_credits integer[] := '{}';
     v_claimed integer;
 BEGIN
     v_keep := tstzmultirange(tstzrange(v_now - make_interval(secs => p_retention + 3600), NULL));
@@ -145,14 +149,14 @@ BEGIN
             FROM unnest(p_user_ids, p_course_ids, p_request_ids)
                 WITH ORDINALITY AS i(user_id, course_id, request_id, ord)
         ) AS f;
-        SELECT COALESCE(array_agg(i.ord), '{}'),
-               COALESCE(array_agg(COALESCE(r.credited_seconds, p_seconds[i.ord])), '{}')
-        INTO v_prior, v_prior_credit
-        FROM unnest(p_user_ids, p_course_ids, p_request_ids)
-            WITH ORDINALITY AS i(user_id, course_id, request_id, ord)
-        JOIN processed_requests r
+        SELECT array_agg(CASE WHEN r.user_id IS NULL THEN NULL
+                              ELSE COALESCE(r.credited_seconds, i.seconds) END ORDER BY i.ord)
+        INTO v_prior
+        FROM unnest(p_user_ids, p_course_ids, p_request_ids, p_seconds)
+            WITH ORDINALITY AS i(user_id, course_id, request_id, seconds, ord)
+        LEFT JOIN processed_requests r
           ON r.user_id = i.user_id AND r.request_id = i.request_id AND r.course_id = i.course_id
-        WHERE NOT i.ord = ANY (v_skip);
+             AND NOT i.ord = ANY (v_skip);
         -- Credit each entry in order, learner after learner.
         FOR v_user, v_ord IN
             SELECT u.user_id, u.ord FROM unnest(p_user_ids) WITH ORDINALITY AS u(user_id, ord)
@@ -166,20 +170,28 @@ BEGIN
                 SELECT credited INTO v_clock FROM learner_clock WHERE user_id = v_user;
                 v_clock_user := v_user;
             END IF;
-            v_pos := array_position(v_prior, v_ord);
-            IF v_pos IS NOT NULL THEN  -- a replay of an earlier call
-                v_credited[v_ord] := v_prior_credit[v_pos];
+            IF v_prior[v_ord] IS NOT NULL THEN  -- a replay of an earlier call
+                v_credited[v_ord] := v_prior[v_ord];
             ELSIF v_first[v_ord] <> v_ord THEN  -- a repeat of an entry of this call
                 v_credited[v_ord] := v_credited[v_first[v_ord]];
             ELSE
-                SELECT t.credited, t.covered_after INTO v_credit, v_clock
-                FROM lp_credit_time(v_clock, date_trunc('second', COALESCE(p_at[v_ord], v_now)),
-                                    p_seconds[v_ord],
-                                    p_allowance) AS t;
+                v_at := date_trunc('second', COALESCE(p_at[v_ord], v_now));
+                v_own := tstzrange(v_at - make_interval(secs => p_seconds[v_ord]), v_at);
+                IF NOT v_clock && v_own THEN  -- the common case: its own time is free
+                    v_credit := p_seconds[v_ord];
+                    v_clock := v_clock + tstzmultirange(v_own);
+                ELSE
+                    SELECT t.credited, t.covered_after INTO v_credit, v_clock
+                    FROM lp_credit_time(v_clock, v_at, p_seconds[v_ord], p_allowance) AS t;
+                END IF;
                 v_credited[v_ord] := v_credit;
                 v_fresh[v_ord] := true;
                 IF p_request_ids[v_ord] IS NOT NULL THEN
-                    v_claims := v_claims || v_ord;
+                    v_claim_users := v_claim_users || v_user;
+                    v_claim_ids := v_claim_ids || p_request_ids[v_ord];
+                    v_claim_courses := v_claim_courses || p_course_ids[v_ord];
+                    v_claim_lessons := v_claim_lessons || p_lesson_ids[v_ord];
+                    v_claim_credits := v_claim_credits || v_credit;
                 END IF;
             END IF;
         END LOOP;
@@ -189,16 +201,16 @@ BEGIN
         -- Claim the request ids with what they were credited. A claim that finds its id
         -- taken meanwhile (by a call of another method, which takes no clock lock) would
         -- have consumed budget: the whole call is rolled back and retried instead.
-        IF cardinality(v_claims) > 0 THEN
+        IF cardinality(v_claim_ids) > 0 THEN
             INSERT INTO processed_requests
                 (user_id, request_id, method, course_id, lesson_id, credited_seconds)
-            SELECT p_user_ids[o], p_request_ids[o], 'RecordTime', p_course_ids[o],
-                   p_lesson_ids[o], v_credited[o]
-            FROM unnest(v_claims) AS o
-            ORDER BY p_user_ids[o], p_request_ids[o], p_course_ids[o]
+            SELECT c.user_id, c.request_id, 'RecordTime', c.course_id, c.lesson_id, c.credited
+            FROM unnest(v_claim_users, v_claim_ids, v_claim_courses, v_claim_lessons,
+                        v_claim_credits) AS c(user_id, request_id, course_id, lesson_id, credited)
+            ORDER BY c.user_id, c.request_id, c.course_id
             ON CONFLICT DO NOTHING;
             GET DIAGNOSTICS v_claimed = ROW_COUNT;
-            IF v_claimed <> cardinality(v_claims) THEN
+            IF v_claimed <> cardinality(v_claim_ids) THEN
                 RAISE EXCEPTION 'a request id was claimed concurrently'
                     USING ERRCODE = 'serialization_failure';
             END IF;
@@ -227,12 +239,12 @@ BEGIN
         ON CONFLICT (user_id, course_id, lesson_id) DO UPDATE
         SET time_spent_seconds = lp.time_spent_seconds + EXCLUDED.time_spent_seconds,
             last_accessed_at = GREATEST(lp.last_accessed_at, EXCLUDED.last_accessed_at)
-        RETURNING lp AS lesson_row
+        RETURNING lp.*
     ),
     result AS (
-        SELECT lesson_row FROM upserted
+        SELECT * FROM upserted
         UNION ALL
-        SELECT p AS lesson_row FROM lesson_progress p
+        SELECT p.* FROM lesson_progress p
         WHERE (p.user_id, p.course_id, p.lesson_id) IN (
             SELECT user_id, course_id, lesson_id FROM valid
             EXCEPT SELECT user_id, course_id, lesson_id FROM summed
@@ -248,12 +260,11 @@ BEGIN
     )
     SELECT i.ord, i.ord = ANY (v_missing), u.method, u.first_course_id, u.first_lesson_id,
            CASE WHEN i.ord = ANY (v_skip) THEN NULL ELSE i.credited END, i.fresh,
-           r.lesson_row
+           CASE WHEN r.user_id IS NOT NULL THEN ROW(r.*)::lesson_progress END
     FROM input i
     LEFT JOIN reused u ON u.ord = i.ord
     LEFT JOIN result r
-      ON (r.lesson_row).user_id = i.user_id AND (r.lesson_row).course_id = i.course_id
-         AND (r.lesson_row).lesson_id = i.lesson_id         AND NOT i.ord = ANY (v_skip)
+      ON r.user_id = i.user_id AND r.course_id = i.course_id AND r.lesson_id = i.lesson_id         AND NOT i.ord = ANY (v_skip)
     ORDER BY i.ord;
 END;
 $$;

@@ -1,0 +1,152 @@
+"""What the time budget costs on the heartbeat path: its statement against the one before it.
+
+``python -m bench.time_budget [--rounds 3] [--seconds 4] [--before REV]`` migrates a fresh
+database (``BENCH_DATABASE_URL``, else an embedded PostgreSQL), registers 20 courses of 20
+lessons, then alternates phases of the two statements (before, after, before, after, ...)
+so that the shared machine's drift hits both alike:
+
+* merged heartbeats: statements of 100 independent heartbeats (100 learners, 30 s each,
+  with request ids), 4 connections in closed loop;
+* batches: BatchRecordTime statements of 500 entries of one learner (an offline sync:
+  30 s heartbeats 30 s apart, with request ids), 2 connections in closed loop.
+
+"Before" is the heartbeat statement of the store at git revision ``REV`` (default: the
+commit before migration 0007; the migrated schema still runs it). Prints heartbeats per
+second per phase and the after/before ratio of the sums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from types import ModuleType
+
+import asyncpg
+
+from bench.postgres import fresh_database
+from lesson_progress import values
+from lesson_progress.store import heartbeats
+
+BEFORE = "a769ec1^"
+COURSES = 20
+LESSONS = 20
+
+
+def _before_module(revision: str) -> ModuleType:
+    """The heartbeats module as it was at ``revision`` (its SQL constants only are used)."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:service/lesson_progress/store/heartbeats.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    module = ModuleType("heartbeats_before")
+    sys.modules[module.__name__] = module  # for its dataclasses
+    exec(compile(source, "heartbeats_before.py", "exec"), module.__dict__)  # noqa: S102
+    return module
+
+
+def _merged(courses: list[str]) -> list[values.Heartbeat]:
+    return [
+        values.Heartbeat(
+            str(uuid.uuid4()), courses[i % COURSES], f"l{i % LESSONS + 1}", 30, str(uuid.uuid4())
+        )
+        for i in range(100)
+    ]
+
+
+def _batch(courses: list[str]) -> list[values.Heartbeat]:
+    user = str(uuid.uuid4())
+    start = datetime.now(UTC) - timedelta(days=1)
+    return [
+        values.Heartbeat(
+            user,
+            courses[0],
+            f"l{i % LESSONS + 1}",
+            30,
+            str(uuid.uuid4()),
+            start + timedelta(seconds=30 * (i + 1)),
+        )
+        for i in range(500)
+    ]
+
+
+def _arguments(old: ModuleType | None, beats: list[values.Heartbeat], batch: bool) -> tuple:
+    if old is None:
+        return (heartbeats.HEARTBEATS, *heartbeats.statement_arguments(beats, 300, batch))
+    statement = old.BATCH_RECORD_TIME if batch else old.INDEPENDENT_HEARTBEATS
+    return (
+        statement,
+        [b.user_id for b in beats],
+        [b.course_id for b in beats],
+        [b.lesson_id for b in beats],
+        [b.seconds for b in beats],
+        [b.request_id for b in beats],
+    )
+
+
+async def _phase(
+    url: str, courses: list[str], old: ModuleType | None, batch: bool, seconds: float
+) -> float:
+    """Heartbeats per second of one phase."""
+    workers = 2 if batch else 4
+    connections = [await asyncpg.connect(url) for _ in range(workers)]
+    done = 0
+    end = time.monotonic() + seconds
+
+    async def worker(connection: asyncpg.Connection) -> None:
+        nonlocal done
+        while time.monotonic() < end:
+            beats = _batch(courses) if batch else _merged(courses)
+            statement, *arguments = _arguments(old, beats, batch)
+            async with connection.transaction():
+                await connection.fetch(statement, *arguments)
+            done += len(beats)
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(worker(c) for c in connections))
+    finally:
+        for connection in connections:
+            await connection.close()
+    return done / (time.monotonic() - started)
+
+
+async def main(rounds: int, seconds: float, revision: str) -> None:
+    old = _before_module(revision)
+    async with fresh_database() as provisioned:
+        connection = await asyncpg.connect(provisioned.url)
+        courses = [str(uuid.uuid4()) for _ in range(COURSES)]
+        for course in courses:
+            await connection.execute(
+                "INSERT INTO courses (course_id, title) VALUES ($1, 'c')", course
+            )
+            await connection.executemany(
+                "INSERT INTO lessons (course_id, lesson_id, position) VALUES ($1, $2, $3)",
+                [(course, f"l{i + 1}", i) for i in range(LESSONS)],
+            )
+        await connection.close()
+        print(f"database: {provisioned.origin}")
+        for batch in (False, True):
+            name = "batches of 500" if batch else "merged heartbeats (100 per statement)"
+            sums = {"before": 0.0, "after": 0.0}
+            for round_ in range(rounds):
+                for label, module in (("before", old), ("after", None)):
+                    rate = await _phase(provisioned.url, courses, module, batch, seconds)
+                    sums[label] += rate
+                    print(f"{name}, round {round_ + 1}, {label}: {rate:,.0f} heartbeats/s")
+            print(f"{name}: after/before = {sums['after'] / sums['before']:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--before", default=BEFORE, help="git revision of the old statement")
+    options = parser.parse_args()
+    asyncio.run(main(options.rounds, options.seconds, options.before))
