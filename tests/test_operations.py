@@ -446,11 +446,12 @@ async def test_sigterm_finishes_in_flight_calls_and_exits_zero(
             signalled = False
 
             async def record(index: int) -> tuple[str, int, bool]:
-                """(status code name, seconds sent, whether it ended after the signal)"""
+                """(status code name, seconds credited (sent, if it failed), whether it ended
+                after the signal)"""
                 nonlocal done
                 seconds = index % 7 + 1
                 try:
-                    await stub.RecordTime(
+                    response = await stub.RecordTime(
                         progress_service_pb2.RecordTimeRequest(
                             user_id=user_id,
                             course_id=course_id,
@@ -460,7 +461,7 @@ async def test_sigterm_finishes_in_flight_calls_and_exits_zero(
                         ),
                         timeout=CALL_TIMEOUT * 2,
                     )
-                    return "OK", seconds, signalled
+                    return "OK", response.credited_seconds, signalled
                 except grpc.aio.AioRpcError as exc:
                     return exc.code().name, seconds, signalled
                 finally:
