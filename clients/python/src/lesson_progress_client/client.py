@@ -430,6 +430,11 @@ class ProgressClient:
         response = await self._unary(
             "BatchRecordTime", self._progress.BatchRecordTime, request, timeout
         )
+        if not response.entry_results:  # a server from before the time budget: all credited
+            return [
+                Credited(lesson, entry.seconds)
+                for lesson, entry in zip(response.lessons, request.requests, strict=True)
+            ]
         lessons = response.distinct_lessons
         return [
             Credited(lessons[result.lesson_index], result.credited_seconds)
