@@ -11,7 +11,9 @@ survive a fork, so the workers are started with ``subprocess`` as new programs):
   whole group stay what the operator set;
 - it serves the workers' metrics added up (prometheus-client's multiprocess mode, in a
   private temporary directory) on the metrics port; workers serve none;
-- SIGTERM and SIGINT go on to every worker, which shuts down as a single server does;
+- SIGTERM and SIGINT go on to every worker (once; workers run in sessions of their own,
+  so a terminal's Ctrl-C reaches only the supervisor), which shuts down as a single
+  server does;
   the supervisor waits for them the grace period plus STOP_SLACK_SECONDS (then kills
   what is left) and exits 0 when every worker did. SIGHUP goes on too (the workers
   re-read the tokens file) when there is a tokens file to re-read;
@@ -239,7 +241,10 @@ class Supervisor:
             WORKER_SLOT_ENV: str(slot),
             MULTIPROC_ENV: str(self.metrics_dir),
         }
-        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+        # A session of its own: a terminal's Ctrl-C (or `timeout`) signals the group it
+        # started, and a worker must get each signal once, from the supervisor (a second
+        # one could arrive after its handler is gone and kill it mid-exit).
+        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         self.workers[process.pid] = _Worker(slot, process, time.monotonic())
         self.slots[slot].restart_at = None
 
@@ -251,7 +256,7 @@ class Supervisor:
                 if signum == signal.SIGHUP:
                     self._forward_hangup()
                     continue
-                if stop_by is None:
+                if stop_by is None:  # the first stop signal; workers get it once
                     log.info(
                         "%s: stopping %d workers (grace %.1fs)",
                         signal.Signals(signum).name, len(self.workers),
@@ -260,14 +265,17 @@ class Supervisor:
                     stop_by = (
                         time.monotonic() + self.config.shutdown_grace_seconds + STOP_SLACK_SECONDS
                     )
-                self._stop_all(signum)
+                    self._stop_all(signum)
             self._reap(stopping=stop_by is not None)
             if stop_by is None:
                 self._restart_due(argv)
             elif not self.workers:
                 failed = [code for code in self.exit_codes if code != 0]
-                log.info("stopped" if not failed else "stopped; worker exit codes %s", failed)
-                return 0 if not failed else 1
+                if failed:
+                    log.error("stopped; workers exited with %s", failed)
+                    return 1
+                log.info("stopped")
+                return 0
             elif time.monotonic() > stop_by:
                 log.error("%d workers did not exit in time: killed", len(self.workers))
                 self._stop_all(signal.SIGKILL)
