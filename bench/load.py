@@ -50,6 +50,9 @@ class Setup:
     database_url: str
     dataset: Dataset
     batch_size: int
+    connections_per_client: bool = False
+    """The service's clients each on a connection of their own (for ``--workers``: the
+    kernel spreads connections, not calls, over the workers), not one shared channel."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class WorkerResult:
 
 def _backend(setup: Setup, backend: Backend) -> LoadBackend:
     if backend is Backend.SERVICE:
-        return ServiceBackend(setup.address)
+        return ServiceBackend(setup.address, setup.connections_per_client)
     if backend is Backend.FLOOR:
         return ServiceBackend(setup.floor_address)
     if backend is Backend.RAW:

@@ -47,14 +47,18 @@ def py_spy() -> str | None:
     return shutil.which("py-spy")
 
 
-async def record(pid: int, seconds: float, output: Path) -> Path | None:
-    """Samples ``pid`` for ``seconds`` into a raw (collapsed stacks) file; None if it fails."""
+async def record(
+    pid: int, seconds: float, output: Path, *, subprocesses: bool = False
+) -> Path | None:
+    """Samples ``pid`` (and its children, with ``subprocesses``) for ``seconds`` into a raw
+    (collapsed stacks) file; None if it fails."""
     executable = py_spy()
     if executable is None:
         return None
     process = await asyncio.create_subprocess_exec(
         executable, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
         "--format", "raw", "--nolineno", "--gil", "--output", str(output),
+        *(["--subprocesses"] if subprocesses else []),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, stderr = await process.communicate()

@@ -184,7 +184,14 @@ def _dataset(result: RunResult, settings: Settings) -> str:
         f"Load: {settings.concurrency} concurrent clients ({settings.batch_concurrency} for "
         f"BatchRecordTime, {settings.batch_size} heartbeats each; 1 for the largest-course "
         f"streams) over {settings.clients} load-generator processes; {settings.duration:g} s "
-        f"measured after {settings.warmup:g} s of warm-up per phase.\n"
+        f"measured after {settings.warmup:g} s of warm-up per phase."
+        + (
+            f" The service ran with `--workers {settings.workers}` (each client on a "
+            "connection of its own; server CPU is the supervisor's and the workers')."
+            if settings.workers > 1
+            else ""
+        )
+        + "\n"
     )
 
 

@@ -95,7 +95,12 @@ async def _profile(runner: PhaseRunner, service: ServiceProcess, workdir: Path,
     for op in PROFILED:
         output = workdir / f"profile-{op.name.lower()}.txt"
         recording = asyncio.create_task(
-            profiling.record(service.pid, seconds + runner.settings.warmup, output)
+            profiling.record(
+                service.pid,
+                seconds + runner.settings.warmup,
+                output,
+                subprocesses=service.workers > 1,
+            )
         )
         await runner.run(op, Backend.SERVICE, duration=seconds)
         path = await recording
@@ -129,7 +134,9 @@ async def run(settings: Settings) -> RunResult:
             )
             if not seeded.replication_role_used:
                 result.notes.append("Seeded without superuser: foreign keys checked per row.")
-            service = ServiceProcess(database.url, workdir / "service.log")
+            service = ServiceProcess(
+                database.url, workdir / "service.log", workers=settings.workers
+            )
             try:
                 floor = ServiceProcess(database.url, workdir / "floor.log", floor=True)
             except BaseException:
@@ -137,7 +144,7 @@ async def run(settings: Settings) -> RunResult:
                 raise
             setup = Setup(
                 service.address, floor.address, database.url, seeded.dataset,
-                settings.batch_size,
+                settings.batch_size, connections_per_client=settings.workers > 1,
             )  # fmt: skip
             generators = LoadGenerators(setup, settings.clients)
             try:

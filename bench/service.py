@@ -30,10 +30,13 @@ class ServiceProcess:
 
     Default settings otherwise, except that the Prometheus endpoint (on, as by default)
     takes any free port instead of the fixed default one, which another server on the
-    machine may hold.
+    machine may hold, and ``workers`` (``--workers``). CPU and memory are those of the
+    process and its children (the supervisor and its workers).
     """
 
-    def __init__(self, database_url: str, log_path: Path, *, floor: bool = False) -> None:
+    def __init__(
+        self, database_url: str, log_path: Path, *, floor: bool = False, workers: int = 1
+    ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -46,12 +49,17 @@ class ServiceProcess:
                 sys.executable, "-m", "lesson_progress", "serve",
                 "--database-url", database_url, "--host", "127.0.0.1",
                 "--port", str(self.port), "--metrics-port", "0", "--no-migrate",
+                "--workers", str(workers),
             ]
         )  # fmt: skip
         with log_path.open("wb") as log:
             self.popen = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         self.process = psutil.Process(self.popen.pid)
         self._wait_ready()
+        self.workers = workers
+        self.processes = [self.process]
+        if workers > 1:
+            self.processes += self._wait_for_workers()
 
     @property
     def pid(self) -> int:
@@ -74,14 +82,34 @@ class ServiceProcess:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{self.name} did not start listening") from None
 
+    def _wait_for_workers(self) -> list[psutil.Process]:
+        """The workers, once all of them listen (the first to listen made it ready)."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            listening = [
+                child
+                for child in self.process.children()
+                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                       for c in child.net_connections(kind="tcp"))
+            ]  # fmt: skip
+            if len(listening) == self.workers:
+                return listening
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: {len(listening)} of {self.workers} workers")
+            time.sleep(0.1)
+
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the server has used so far (all its threads)."""
-        times = self.process.cpu_times()
-        return float(times.user + times.system)
+        """User plus system CPU time the server has used so far (all its threads; with
+        workers, the supervisor's and theirs)."""
+        total = 0.0
+        for process in self.processes:
+            times = process.cpu_times()
+            total += times.user + times.system
+        return total
 
     def rss(self) -> int:
-        """Resident memory now, in bytes."""
-        return int(self.process.memory_info().rss)
+        """Resident memory now, in bytes (with workers: all the processes together)."""
+        return sum(int(process.memory_info().rss) for process in self.processes)
 
     def stop(self) -> None:
         """SIGTERM (graceful shutdown), then SIGKILL if it takes too long."""

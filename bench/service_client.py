@@ -1,4 +1,5 @@
-"""Calls the running service over gRPC (grpc.aio), one channel per load generator process."""
+"""Calls the running service over gRPC (grpc.aio), one channel per load generator process
+(or, against several workers, one per client)."""
 
 from __future__ import annotations
 
@@ -58,28 +59,37 @@ def _request(op: Op, params: Params) -> object:
 class ServiceBackend:
     """The service under test, reached at ``address``."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, connection_per_slot: bool = False) -> None:
         self.address = address
-        self._channel: grpc.aio.Channel | None = None
+        self.connection_per_slot = connection_per_slot
+        self._channels: list[grpc.aio.Channel] = []
 
     async def open(self, slots: int) -> None:
-        """Opens the channel (all slots share it, as a client library would)."""
-        self._channel = grpc.aio.insecure_channel(self.address)
-        await self._channel.channel_ready()
-        progress = progress_service_pb2_grpc.ProgressServiceStub(self._channel)
-        analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(self._channel)
+        """Opens the channel (all slots share it, as a client library would), or one
+        channel with a connection of its own per slot."""
+        if self.connection_per_slot:
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            self._channels = [
+                grpc.aio.insecure_channel(self.address, options=options) for _ in range(slots)
+            ]
+        else:
+            self._channels = [grpc.aio.insecure_channel(self.address)]
+        for channel in self._channels:
+            await channel.channel_ready()
+        progress = [progress_service_pb2_grpc.ProgressServiceStub(c) for c in self._channels]
+        analytics = [analytics_service_pb2_grpc.AnalyticsServiceStub(c) for c in self._channels]
         self._unary = {
-            Op.RECORD_TIME: progress.RecordTime,
-            Op.START_LESSON: progress.StartLesson,
-            Op.RECORD_ATTEMPT: progress.RecordAttempt,
-            Op.COMPLETE_LESSON: progress.CompleteLesson,
-            Op.GET_LESSON_PROGRESS: progress.GetLessonProgress,
-            Op.LIST_LESSON_PROGRESS: progress.ListLessonProgress,
-            Op.GET_COURSE_PROGRESS: progress.GetCourseProgress,
+            Op.RECORD_TIME: [p.RecordTime for p in progress],
+            Op.START_LESSON: [p.StartLesson for p in progress],
+            Op.RECORD_ATTEMPT: [p.RecordAttempt for p in progress],
+            Op.COMPLETE_LESSON: [p.CompleteLesson for p in progress],
+            Op.GET_LESSON_PROGRESS: [p.GetLessonProgress for p in progress],
+            Op.LIST_LESSON_PROGRESS: [p.ListLessonProgress for p in progress],
+            Op.GET_COURSE_PROGRESS: [p.GetCourseProgress for p in progress],
         }
-        self._batch = progress.BatchRecordTime
-        self._lesson_stats = analytics.StreamLessonStats
-        self._learners = analytics.StreamCourseLearners
+        self._batch = [p.BatchRecordTime for p in progress]
+        self._lesson_stats = [a.StreamLessonStats for a in analytics]
+        self._learners = [a.StreamCourseLearners for a in analytics]
 
     def prepare(self, op: Op, params: list[Params]) -> list[object]:
         """Builds every request message before the clock starts."""
@@ -88,17 +98,19 @@ class ServiceBackend:
     def call(self, op: Op) -> Call:
         """The call of ``op``."""
         if op in self._unary:
-            method = self._unary[op]
+            methods = self._unary[op]
+            count = len(methods)
 
             async def unary(slot: int, request: object, window: Window) -> Outcome:
-                await method(request)  # type: ignore[operator]
+                await methods[slot % count](request)  # type: ignore[operator]
                 return 1, True
 
             return unary
         if op is Op.BATCH_RECORD_TIME:
+            batches = self._batch
 
             async def batch(slot: int, request: object, window: Window) -> Outcome:
-                response = await self._batch(request)  # type: ignore[arg-type]
+                response = await batches[slot % len(batches)](request)  # type: ignore[arg-type]
                 return len(response.lessons), True
 
             return batch
@@ -109,9 +121,9 @@ class ServiceBackend:
         return unsupported(op, "service")
 
     @staticmethod
-    def _stream(method: object) -> Call:
+    def _stream(methods: list[object]) -> Call:
         async def stream(slot: int, request: object, window: Window) -> Outcome:
-            call = method(request)  # type: ignore[operator]
+            call = methods[slot % len(methods)](request)  # type: ignore[operator]
             rows = 0
             async for _ in call:
                 inside, past = window.rows_now()
@@ -128,6 +140,7 @@ class ServiceBackend:
         return op is Op.STREAM_COURSE_LEARNERS
 
     async def close(self) -> None:
-        """Closes the channel."""
-        if self._channel is not None:
-            await self._channel.close()
+        """Closes the channels."""
+        for channel in self._channels:
+            await channel.close()
+        self._channels = []

@@ -37,6 +37,8 @@ class Settings:
     """Seconds of each profiling phase."""
     seed: int = 1
     """Seed of the data generator and of the key choices."""
+    workers: int = 1
+    """The service's ``--workers`` (server processes on one port)."""
 
 
 def parse(argv: list[str] | None = None) -> Settings:
@@ -63,6 +65,10 @@ def parse(argv: list[str] | None = None) -> Settings:
         "--profile", action="store_true", help="profile the server with py-spy afterwards"
     )
     parser.add_argument("--seed", type=int, help="random seed (1)")
+    parser.add_argument(
+        "--workers", type=int,
+        help="the service's --workers (1); above 1 each client has a connection of its own",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     base = (
@@ -80,7 +86,7 @@ def parse(argv: list[str] | None = None) -> Settings:
     problems = [
         f"--{name.replace('_', '-')} must be positive"
         for name in ("rows", "duration", "concurrency", "batch_concurrency", "batch_size",
-                     "clients")
+                     "clients", "workers")
         if getattr(settings, name) <= 0
     ]  # fmt: skip
     if settings.batch_size > 1000:

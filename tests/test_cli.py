@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -96,6 +97,14 @@ def test_load_defaults() -> None:
     assert loaded.migrate_on_start is True
 
 
+def test_workers_auto_is_the_usable_cpus_at_most_the_cap() -> None:
+    usable = len(os.sched_getaffinity(0))
+    loaded = config.load(parse_flags("--workers", "auto"), {})
+    assert 1 <= loaded.workers <= min(usable, config.AUTO_WORKERS_CAP)
+    assert config.load(parse_flags(), {"LESSON_PROGRESS_WORKERS": "3"}).workers == 3
+    assert Config().workers == 1  # one process unless asked
+
+
 def test_load_flag_wins_over_environment() -> None:
     env = {
         "DATABASE_URL": "postgresql://env/db",
@@ -166,7 +175,8 @@ def test_every_setting_has_a_flag_and_a_variable() -> None:
     config.add_arguments(parser)
     flags = {option for action in parser._actions for option in action.option_strings}
     declared = config.settings()
-    assert len(declared) == len([f for f in Config.__dataclass_fields__ if f != "callers"])
+    internal = ("callers", "share_port")  # set by code, not by the operator
+    assert len(declared) == len([f for f in Config.__dataclass_fields__ if f not in internal])
     for _, setting in declared:
         assert f"--{setting.flag}" in flags
         assert setting.env.startswith("LESSON_PROGRESS_") or setting.env == "DATABASE_URL"
@@ -180,6 +190,8 @@ BAD_CONFIGS = {
     "port env": ([], {"LESSON_PROGRESS_PORT": "70000"}, "LESSON_PROGRESS_PORT", "70000"),
     "pool size flag": (["--pool-size", "0"], {}, "LESSON_PROGRESS_POOL_SIZE", "0"),
     "pool size env": ([], {"LESSON_PROGRESS_POOL_SIZE": "0"}, "LESSON_PROGRESS_POOL_SIZE", "0"),
+    "workers flag": (["--workers", "many"], {}, "LESSON_PROGRESS_WORKERS", "many"),
+    "workers env": ([], {"LESSON_PROGRESS_WORKERS": "many"}, "LESSON_PROGRESS_WORKERS", "many"),
     "heartbeat flag": (
         ["--max-heartbeat-seconds", "abc"],
         {},
@@ -248,6 +260,7 @@ def test_serve_names_every_bad_value_at_once(tmp_path: Path) -> None:
         clean_env(
             DATABASE_URL="mysql://x",
             LESSON_PROGRESS_POOL_SIZE="0",
+            LESSON_PROGRESS_WORKERS="many",
             LESSON_PROGRESS_REQUEST_ID_RETENTION="forever",
             LESSON_PROGRESS_MIGRATE="maybe",
             LESSON_PROGRESS_DATA_DIR=str(data_dir),

@@ -10,6 +10,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -19,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lesson_progress import config as config_module
-from lesson_progress import server
+from lesson_progress import server, supervisor
 from lesson_progress.auth import hash_token
 from lesson_progress.errors import Unavailable
 from lesson_progress.migrate import MigrationError
@@ -71,12 +72,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(config: config_module.Config) -> None:
+    role = supervisor.WorkerRole.from_environment()
+    if role is not None:  # one of `serve --workers N`: shares the port with the others
+        config = dataclasses.replace(config, share_port=True)
     running = await server.start(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    orphaned = None
+    if role is not None:
+        role.announce_ready()
+        log.info("worker %d (pid %d) serving", role.slot, os.getpid())
+        orphaned = asyncio.create_task(role.supervisor_gone())
+        orphaned.add_done_callback(lambda _: stop.set())
     await stop.wait()
+    if orphaned is not None:
+        orphaned.cancel()
     log.info("shutting down: finishing in-flight calls (grace %.1fs)",
              config.shutdown_grace_seconds)  # fmt: skip
     await running.stop(config.shutdown_grace_seconds)
@@ -142,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(config.log_level, config.log_format, config.access_log)
     try:
+        if args.command == "serve" and config.workers > 1:
+            raw = sys.argv[1:] if argv is None else argv
+            return supervisor.run(config, raw[raw.index("serve") + 1 :])
         if args.command == "serve":
             asyncio.run(_serve(config))
         else:
@@ -149,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except MigrationError as exc:
         print(f"lesson-progress: migration refused: {exc}", file=sys.stderr)
         return 1
-    except (server.StartupError, Unavailable, OSError) as exc:
+    except (server.StartupError, supervisor.SupervisorError, Unavailable, OSError) as exc:
         print(f"lesson-progress: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -131,6 +131,34 @@ def readable_file(text: str) -> Path:
     return Path(text)
 
 
+#: Most workers ``--workers auto`` starts, however many CPUs there are: past that the pool
+#: divided among them gets too thin (and PostgreSQL wants cores of its own).
+AUTO_WORKERS_CAP = 16
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, and a cgroup v2 CPU quota (a container's
+    CPU limit) rounded up, whichever is fewer."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def workers(text: str) -> int:
+    """A number of server processes (1..256), or ``auto``: the usable CPUs, at most
+    AUTO_WORKERS_CAP."""
+    if text.strip().lower() == "auto":
+        return min(usable_cpus(), AUTO_WORKERS_CAP)
+    parse: Callable[[str], int] = integer(1, 256)
+    return parse(text)
+
+
 def port_or_off(text: str) -> int | None:
     """A port, or ``off`` (None)."""
     if text.lower() in ("off", "none", "disabled"):
@@ -201,9 +229,15 @@ class Config:
     )  # fmt: skip
     host: str = setting("127.0.0.1", "HOST", "host", str, "listen address")
     port: int = setting(50051, "PORT", "port", integer(0, 65535), "gRPC port (0: any free port)")
+    workers: int = setting(
+        1, "WORKERS", "workers", workers,
+        "server processes sharing the port (`auto`: one per usable CPU, at most 16); above 1 "
+        "a supervisor runs them and divides the pools among them",
+    )  # fmt: skip
     pool_size: int = setting(
-        10, "POOL_SIZE", "pool-size", integer(1, 1000), "PostgreSQL connections per process"
-    )
+        10, "POOL_SIZE", "pool-size", integer(1, 1000),
+        "PostgreSQL connections of the service (divided among the workers)",
+    )  # fmt: skip
     max_heartbeat_seconds: int = setting(
         300, "MAX_HEARTBEAT_SECONDS", "max-heartbeat-seconds", integer(1, 86400),
         "most seconds one RecordTime entry adds",
@@ -274,8 +308,8 @@ class Config:
     )  # fmt: skip
     stream_connections: int = setting(
         4, "STREAM_CONNECTIONS", "stream-connections", integer(1, 1000),
-        "PostgreSQL connections of the analytics streams, apart from the pool; a stream "
-        "beyond them waits 1 s, then gets `RESOURCE_EXHAUSTED`",
+        "PostgreSQL connections of the analytics streams, apart from the pool (divided among "
+        "the workers); a stream beyond them waits 1 s, then gets `RESOURCE_EXHAUSTED`",
     )  # fmt: skip
     stream_idle_seconds: float = setting(
         60.0, "STREAM_IDLE_TIMEOUT", "stream-idle-timeout", duration(0.1),
@@ -307,6 +341,9 @@ class Config:
 
     callers: tuple[Caller, ...] = field(default=(), repr=False)
     """The callers of ``auth_tokens_file``, read once at start-up (not a setting)."""
+    share_port: bool = False
+    """Listen with SO_REUSEPORT, beside the other workers of a supervisor (not a setting:
+    the supervisor sets it for its workers; alone, a port in use is an error)."""
 
     @property
     def tls(self) -> bool:

@@ -1,16 +1,33 @@
-"""Metrics (Prometheus, on their own HTTP port) and structured JSON logs."""
+"""Metrics (Prometheus, on their own HTTP port) and structured JSON logs.
+
+One process serves its own registry. The workers of ``serve --workers N`` run in
+prometheus-client's multiprocess mode instead (``PROMETHEUS_MULTIPROC_DIR``, set by the
+supervisor to a private directory): every value lives in a file there, gauges say how
+they add up across processes (``multiprocess_mode``), and the supervisor serves the sum of
+all of them on the metrics port (``serve_aggregated``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -18,9 +35,21 @@ from lesson_progress.store.database import PoolStats
 
 access_log = logging.getLogger("lesson_progress.access")
 
+#: Where prometheus-client's multiprocess mode keeps its files (read when it is imported).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: How often a worker copies its pool's figures into the shared files.
+POOL_REFRESH_SECONDS = 1.0
+
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+
+
+_POOL_GAUGES = (
+    ("lesson_progress_db_pool_size", "Open PostgreSQL connections"),
+    ("lesson_progress_db_pool_in_use", "PostgreSQL connections in use"),
+    ("lesson_progress_db_pool_max_size", "Most PostgreSQL connections the pool opens"),
+)
 
 
 class _PoolCollector(Collector):
@@ -31,24 +60,69 @@ class _PoolCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self.pool_stats()
-        yield GaugeMetricFamily(
-            "lesson_progress_db_pool_size", "Open PostgreSQL connections", value=stats.size
-        )
-        yield GaugeMetricFamily(
-            "lesson_progress_db_pool_in_use", "PostgreSQL connections in use", value=stats.in_use
-        )
-        yield GaugeMetricFamily(
-            "lesson_progress_db_pool_max_size",
-            "Most PostgreSQL connections the pool opens",
-            value=stats.max_size,
-        )
+        for (name, text), value in zip(_POOL_GAUGES, (stats.size, stats.in_use, stats.max_size),
+                                       strict=True):  # fmt: skip
+            yield GaugeMetricFamily(name, text, value=value)
 
 
-class Metrics:
-    """The service's metrics, in a registry of their own (one per server)."""
+async def _copy_pool_stats(pool_stats: Callable[[], PoolStats], gauges: list[Gauge]) -> None:
+    """Copies the pool's figures into ``gauges`` (in _POOL_GAUGES order) now and then."""
+    while True:
+        stats = pool_stats()
+        for gauge, value in zip(gauges, (stats.size, stats.in_use, stats.max_size), strict=True):
+            gauge.set(value)
+        await asyncio.sleep(POOL_REFRESH_SECONDS)
+
+
+class _Endpoint:
+    """A registry served over HTTP on a port of its own."""
+
+    registry: CollectorRegistry
+    _http: Any = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves /metrics over HTTP; returns the bound port."""
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        """Stops the HTTP endpoint."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class AggregatedMetrics(_Endpoint):
+    """The supervisor's /metrics: the sum of its workers' files in ``directory``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(self.registry, path=directory)  # type: ignore[no-untyped-call]
+
+    def process_dead(self, pid: int) -> None:
+        """Drops the live gauges of a worker that has exited (its counters stay counted)."""
+        with contextlib.suppress(FileNotFoundError):
+            multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
+
+
+def multiprocess_mode() -> bool:
+    """Whether this process is one of several whose metrics are added up (a worker)."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics(_Endpoint):
+    """The service's metrics, in a registry of their own (one per server).
+
+    In multiprocess mode gauges add up over the live workers (``livesum``), and the pool's
+    figures, read at scrape time by a single process, are copied into gauges every
+    POOL_REFRESH_SECONDS instead (the supervisor cannot ask a worker's pool).
+    """
 
     def __init__(self, pool_stats: Callable[[], PoolStats] | None = None) -> None:
         self.registry = CollectorRegistry()
+        self._pool_task: asyncio.Task[None] | None = None
         self.requests = Counter(
             "lesson_progress_rpc_requests",
             "RPCs handled, by method and status code",
@@ -67,12 +141,14 @@ class Metrics:
             "RPCs being handled, by method",
             ["method"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.open_streams = Gauge(
             "lesson_progress_streams_open",
             "Server streams open, by method",
             ["method"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.refused_seconds = Counter(
             "lesson_progress_heartbeat_refused_seconds",
@@ -81,24 +157,27 @@ class Metrics:
             registry=self.registry,
         )
         if pool_stats is not None:
-            self.registry.register(_PoolCollector(pool_stats))
-        self._http: Any = None
+            if multiprocess_mode():
+                gauges = [
+                    Gauge(name, text, registry=self.registry, multiprocess_mode="livesum")
+                    for name, text in _POOL_GAUGES
+                ]
+                self._pool_task = asyncio.get_running_loop().create_task(
+                    _copy_pool_stats(pool_stats, gauges)
+                )
+            else:
+                self.registry.register(_PoolCollector(pool_stats))
 
     def for_method(self, method: str) -> MethodMetrics:
         """The metrics of one method, with their label values bound once."""
         return MethodMetrics(self, method)
 
-    def serve(self, host: str, port: int) -> int:
-        """Serves /metrics over HTTP; returns the bound port."""
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._http.server_port)
-
     def close(self) -> None:
-        """Stops the HTTP endpoint."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        """Stops the HTTP endpoint (and the copying of the pool's figures)."""
+        if self._pool_task is not None:
+            self._pool_task.cancel()
+            self._pool_task = None
+        super().close()
 
 
 class MethodMetrics:

@@ -116,8 +116,9 @@ def _server_options(config: Config) -> list[tuple[str, int]]:
         # Clients may ping every 10 s; more often is answered with GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
-        # A port already in use is an error, not a second server sharing it.
-        ("grpc.so_reuseport", 0),
+        # A port already in use is an error, not a second server sharing it (unless this is
+        # one of a supervisor's workers: they share it on purpose).
+        ("grpc.so_reuseport", int(config.share_port)),
     ]
 
 

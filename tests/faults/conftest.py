@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.cluster import Cluster
-from tests.faults.support import create_database, drop_database
+from tests.faults.support import create_database, drop_database, kill_9
 from tests.support import GENEROUS_TIME_BUDGET, free_port
 from tests.test_operations import Serve
 
@@ -44,10 +44,15 @@ ServeFactory = Callable[..., Serve]
 
 @pytest.fixture
 def serve(tmp_path: Path, database: str) -> Iterator[ServeFactory]:
-    """Starts ``lesson-progress serve`` children on the test's database; kills them after."""
+    """Starts ``lesson-progress serve`` children on the test's database (``workers``: with
+    ``--workers``, a supervisor and its workers); kills them (all) after."""
     children: list[Serve] = []
 
-    def start(*flags: str, env: dict[str, str] | None = None, name: str = "serve") -> Serve:
+    def start(
+        *flags: str, env: dict[str, str] | None = None, name: str = "serve", workers: int = 1
+    ) -> Serve:
+        if workers != 1:
+            flags = ("--workers", str(workers), *flags)
         child = Serve(
             tmp_path, database, *GENEROUS_TIME_BUDGET, *flags, env=env, metrics=False, name=name
         )
@@ -58,4 +63,5 @@ def serve(tmp_path: Path, database: str) -> Iterator[ServeFactory]:
         yield start
     finally:
         for child in children:
+            kill_9(child.process)
             child.kill()

@@ -8,7 +8,9 @@ The server child process, free ports and environment come from ``tests.test_oper
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import subprocess
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
+import psutil
 
 from lesson_progress import migrate
 from lesson_progress.config import Config
@@ -47,6 +50,18 @@ RETRYABLE = frozenset({Code.OK, Code.UNAVAILABLE, Code.ABORTED})
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def kill_9(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to a server child and, under ``--workers``, to its workers first (as when
+    the container is killed); reaps the child."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for worker in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+    if process.poll() is None:
+        process.kill()
+    process.wait()
 
 
 async def create_database(cluster: Cluster) -> str:

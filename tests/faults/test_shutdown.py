@@ -18,7 +18,7 @@ from lessonprogress.v1 import progress_service_pb2 as pb
 from lessonprogress.v1 import progress_service_pb2_grpc
 from tests.errors import error_info
 from tests.faults.conftest import ServeFactory
-from tests.faults.support import consistency_problems, new_id
+from tests.faults.support import consistency_problems, kill_9, new_id
 from tests.test_operations import upsert_course
 
 pytestmark = pytest.mark.postgres_only("the fault suite controls its own PostgreSQL processes")
@@ -34,12 +34,13 @@ CALLERS = 32
     reason="defect 5 of issue 9: under traffic that never pauses the refusal phase ends "
     "and gRPC cancels queued and still-running calls (CANCELLED, no ErrorInfo)",
 )
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_under_continuous_load_refuses_with_unavailable_only(
-    serve: ServeFactory,
+    serve: ServeFactory, workers: int
 ) -> None:
     seen: Counter[str] = Counter()
     for run in range(2):
-        child = serve("--shutdown-grace", f"{GRACE}s", name=f"serve-{run}")
+        child = serve("--shutdown-grace", f"{GRACE}s", name=f"serve-{run}", workers=workers)
         await child.wait_health()
         async with child.channel() as channel:
             course_id = await upsert_course(channel)
@@ -140,15 +141,16 @@ async def test_largest_valid_batch_gets_a_response_or_commits_nothing(
     assert len(response.lessons) == 0  # 1,000 copies of the row would not fit
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_kill_9_during_batches_and_completions_leaves_no_partial_write(
-    serve: ServeFactory, database: str
+    serve: ServeFactory, database: str, workers: int
 ) -> None:
     lessons = [f"l{i + 1}" for i in range(6)]
     batch_size = 50  # entries of one batch, one second each: stored sums are multiples
     users = [new_id() for _ in range(12)]
     course_id = ""
     for run in range(2):
-        child = serve(name=f"serve-{run}")
+        child = serve(name=f"serve-{run}", workers=workers)
         await child.wait_health()
         async with child.channel() as channel:
             if not course_id:
@@ -199,7 +201,7 @@ async def test_kill_9_during_batches_and_completions_leaves_no_partial_write(
             while ok < 60:
                 child.assert_running()
                 await asyncio.sleep(0.02)
-            child.process.send_signal(signal.SIGKILL)
+            kill_9(child.process)  # with its workers, if any
             await asyncio.gather(*tasks)
             child.kill()
 
