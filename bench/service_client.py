@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
 
 from bench.backends import Call, Outcome, Window, unsupported
@@ -103,22 +106,24 @@ class ServiceBackend:
 
             return batch
         if op in (Op.STREAM_LESSON_STATS, Op.STREAM_LESSON_STATS_LARGEST):
-            return self._stream(self._lesson_stats)
+            return self._stream(self._lesson_stats, lambda response: 1)
         if op is Op.STREAM_COURSE_LEARNERS:
-            return self._stream(self._learners)
+            return self._stream(self._learners, lambda response: len(response.learners))
         return unsupported(op, "service")
 
     @staticmethod
-    def _stream(method: object) -> Call:
+    def _stream(method: object, rows_of: Callable[[Any], int]) -> Call:
+        """A stream whose responses carry ``rows_of(response)`` rows each."""
+
         async def stream(slot: int, request: object, window: Window) -> Outcome:
             call = method(request)  # type: ignore[operator]
             rows = 0
-            async for _ in call:
+            async for response in call:
                 inside, past = window.rows_now()
                 if past:
                     call.cancel()
                     return rows, False
-                rows += inside
+                rows += inside * rows_of(response)
             return rows, True
 
         return stream

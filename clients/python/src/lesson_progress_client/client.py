@@ -101,6 +101,18 @@ def _heartbeat_request(entry: Heartbeat | RecordTimeRequest) -> RecordTimeReques
     return request
 
 
+async def _flatten(
+    chunks: AsyncGenerator[Iterable[ItemT], None],
+) -> AsyncGenerator[ItemT, None]:
+    """The items of a stream of chunks, one by one; closing it closes (cancels) the stream."""
+    try:
+        async for chunk in chunks:
+            for item in chunk:
+                yield item
+    finally:
+        await chunks.aclose()
+
+
 # --- the client ------------------------------------------------------------------------------
 
 
@@ -758,15 +770,19 @@ class ProgressClient:
     ) -> AsyncGenerator[CourseProgress, None]:
         """One CourseProgress per learner with progress in the course, by ``user_id``.
 
-        ``page_size`` is how many rows the server reads per round trip (0 means 1,000).
+        The server sends the learners in chunks (up to 500 per message); they are yielded
+        one by one. ``page_size`` is how many rows the server reads per round trip (0 means
+        1,000).
         """
         request = analytics_service_pb2.StreamCourseLearnersRequest(
             course_id=course_id, page_size=page_size
         )
-        return self._stream(
-            "StreamCourseLearners",
-            self._analytics.StreamCourseLearners,
-            request,
-            timeout,
-            lambda response: response.course_progress,
+        return _flatten(
+            self._stream(
+                "StreamCourseLearners",
+                self._analytics.StreamCourseLearners,
+                request,
+                timeout,
+                lambda response: response.learners,
+            )
         )
