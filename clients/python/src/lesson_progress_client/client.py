@@ -23,8 +23,9 @@ from typing import Any, Final, Self, TypeVar
 import grpc
 from google.protobuf import message as protobuf_message
 
+from lesson_progress_client.batching import HeartbeatBatcher
 from lesson_progress_client.errors import ProgressError
-from lesson_progress_client.settings import RetryPolicy, TlsConfig
+from lesson_progress_client.settings import HeartbeatBatching, RetryPolicy, TlsConfig
 from lessonprogress.v1 import (
     analytics_service_pb2,
     analytics_service_pb2_grpc,
@@ -151,6 +152,9 @@ class ProgressClient:
         stream_timeout: default deadline of each stream; None (the default) for none.
         options: extra gRPC channel options (keepalive, message sizes, ...).
         interceptors: grpc.aio client interceptors (tracing, logging, ...).
+        batching: a :class:`HeartbeatBatching` to coalesce concurrent ``record_time`` calls
+            into BatchRecordTime calls (a few milliseconds of linger for far fewer calls);
+            None (the default) sends each as its own RecordTime.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class ProgressClient:
         stream_timeout: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        batching: HeartbeatBatching | None = None,
     ) -> None:
         for name, value in (("timeout", timeout), ("stream_timeout", stream_timeout)):
             if value is not None and value <= 0:
@@ -191,6 +196,11 @@ class ProgressClient:
         self._catalog = catalog_service_pb2_grpc.CatalogServiceStub(self._channel)
         self._progress = progress_service_pb2_grpc.ProgressServiceStub(self._channel)
         self._analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(self._channel)
+        self._batcher = (
+            None
+            if batching is None
+            else HeartbeatBatcher(batching, self._send_batch, self._batch_retry_delay)
+        )
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -209,7 +219,10 @@ class ProgressClient:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the channel; calls still in flight are cancelled."""
+        """Closes the channel; calls still in flight are cancelled (batched heartbeats
+        still waiting for their batch are sent first)."""
+        if self._batcher is not None:
+            await self._batcher.close()
         await self._channel.close()
 
     # --- call machinery ----------------------------------------------------------------------
@@ -240,6 +253,22 @@ class ProgressClient:
                 if delay is None:
                     raise error from exc
             await asyncio.sleep(delay)
+
+    async def _send_batch(
+        self, request: progress_service_pb2.BatchRecordTimeRequest, timeout: float | None
+    ) -> progress_service_pb2.BatchRecordTimeResponse:
+        """One attempt of a batch of coalesced heartbeats (the batcher retries)."""
+        try:
+            return await self._progress.BatchRecordTime(
+                request, timeout=timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise ProgressError.from_rpc_error(exc) from exc
+
+    def _batch_retry_delay(
+        self, error: ProgressError, attempt: int, deadline: float | None
+    ) -> float | None:
+        return self._retry_delay("BatchRecordTime", error, attempt, deadline)
 
     def _retry_delay(
         self, name: str, error: ProgressError, attempt: int, deadline: float | None
@@ -367,6 +396,10 @@ class ProgressClient:
 
         ``request_id`` (a UUID) makes the write idempotent; one is generated if not given,
         and reused on every retry. INVALID_ARGUMENT for ``seconds`` outside 1..max.
+
+        With ``batching``, the heartbeat joins the others sent concurrently through this
+        client in one BatchRecordTime call; the result and errors are this call's own. Two
+        heartbeats for the same lesson in one batch both return the state after both.
         """
         request = progress_service_pb2.RecordTimeRequest(
             user_id=user_id,
@@ -375,6 +408,9 @@ class ProgressClient:
             seconds=seconds,
             request_id=_request_id(request_id),
         )
+        if self._batcher is not None:
+            budget = self._timeout if timeout is None else timeout
+            return await self._batcher.record_time(request, budget)
         response = await self._unary("RecordTime", self._progress.RecordTime, request, timeout)
         return response.lesson
 
