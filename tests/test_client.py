@@ -47,6 +47,7 @@ from lessonprogress.v1 import (
 )
 from tests.certs import make_pki
 from tests.conftest import new_id, server_config
+from tests.support import lost_response
 
 HANG_GUARD = 60.0  # seconds; a deadline that only stops a broken test from hanging
 
@@ -401,12 +402,7 @@ class LoseFirstResponse(grpc.aio.UnaryUnaryClientInterceptor):
         self.sent.append(Sent(request.request_id, grpc.StatusCode.OK))
         if len(self.sent) == 1:
             await self.after_first()
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                details="response lost (injected by the test)",
-            )
+            raise lost_response()
         return call
 
 

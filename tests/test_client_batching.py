@@ -26,6 +26,7 @@ from lesson_progress_client import (
     ProgressError,
 )
 from tests.conftest import new_id
+from tests.support import lost_response
 
 HANG_GUARD = 60.0
 BATCH = "/lessonprogress.v1.ProgressService/BatchRecordTime"
@@ -54,12 +55,7 @@ class CountCalls(grpc.aio.UnaryUnaryClientInterceptor):
         self.batch_sizes.append(len(request.requests))
         if self.lose_first_batch and self.calls[BATCH] == 1:
             await call  # the server has committed the batch
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                details="response lost (injected by the test)",
-            )
+            raise lost_response()
         return call
 
 
