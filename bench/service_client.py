@@ -9,7 +9,8 @@ import grpc
 
 from bench.backends import Call, Outcome, Window, unsupported
 from bench.keys import CourseKey, Heartbeat, Key, Params, Scored
-from bench.operations import Op
+from bench.operations import BATCHING_LINGER, Op
+from lesson_progress_client import HeartbeatBatching, ProgressClient
 from lessonprogress.v1 import (
     analytics_service_pb2,
     analytics_service_pb2_grpc,
@@ -31,7 +32,7 @@ def _record_time(beat: Heartbeat) -> pb.RecordTimeRequest:
 def _request(op: Op, params: Params) -> object:
     """The request message of ``op`` for ``params``."""
     match op, params:
-        case Op.RECORD_TIME, Heartbeat():
+        case Op.RECORD_TIME | Op.RECORD_TIME_BATCHING, Heartbeat():
             return _record_time(params)
         case Op.BATCH_RECORD_TIME, tuple():
             return pb.BatchRecordTimeRequest(requests=[_record_time(b) for b in params])
@@ -68,6 +69,10 @@ class ServiceBackend:
     async def open(self, slots: int) -> None:
         """Opens the channel (all slots share it, as a client library would)."""
         self._channel = grpc.aio.insecure_channel(self.address)
+        # The typed client with heartbeat batching, as one application process shares it.
+        self._batching = ProgressClient(
+            self.address, batching=HeartbeatBatching(linger=BATCHING_LINGER), timeout=30
+        )
         await self._channel.channel_ready()
         progress = progress_service_pb2_grpc.ProgressServiceStub(self._channel)
         analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(self._channel)
@@ -98,6 +103,21 @@ class ServiceBackend:
                 return 1, True
 
             return unary
+        if op is Op.RECORD_TIME_BATCHING:
+            client = self._batching
+
+            async def batched(slot: int, request: object, window: Window) -> Outcome:
+                assert isinstance(request, pb.RecordTimeRequest)
+                await client.record_time(
+                    user_id=request.user_id,
+                    course_id=request.course_id,
+                    lesson_id=request.lesson_id,
+                    seconds=request.seconds,
+                    request_id=request.request_id,
+                )
+                return 1, True
+
+            return batched
         if op is Op.BATCH_RECORD_TIME:
 
             async def batch(slot: int, request: object, window: Window) -> Outcome:
@@ -136,3 +156,4 @@ class ServiceBackend:
         """Closes the channel."""
         if self._channel is not None:
             await self._channel.close()
+            await self._batching.close()
