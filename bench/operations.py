@@ -10,6 +10,7 @@ class Op(enum.StrEnum):
     """One measured operation; the value is its name in the report."""
 
     RECORD_TIME = "RecordTime"
+    RECORD_TIME_BATCHING = "RecordTime (batching client)"
     BATCH_RECORD_TIME = "BatchRecordTime"
     START_LESSON = "StartLesson"
     RECORD_ATTEMPT = "RecordAttempt"
@@ -62,6 +63,7 @@ SPECS: dict[Op, OpSpec] = {
     spec.op: spec
     for spec in (
         OpSpec(Op.RECORD_TIME, True, "ops", Concurrency.DEFAULT, True),
+        OpSpec(Op.RECORD_TIME_BATCHING, True, "ops", Concurrency.DEFAULT, False),
         OpSpec(Op.BATCH_RECORD_TIME, True, "rows", Concurrency.BATCH, True),
         OpSpec(Op.START_LESSON, True, "ops", Concurrency.DEFAULT, True),
         OpSpec(Op.RECORD_ATTEMPT, True, "ops", Concurrency.DEFAULT, True),
@@ -77,6 +79,13 @@ SPECS: dict[Op, OpSpec] = {
 
 # Operations the floor server serves, measured on it right after the service.
 FLOOR_OPS = (Op.RECORD_TIME, Op.GET_LESSON_PROGRESS, Op.GET_COURSE_PROGRESS)
+
+# Operations of the service alone: no baseline runs them (the batching client's heartbeats
+# are compared with the service's own unary RecordTime).
+SERVICE_ONLY_OPS = (Op.RECORD_TIME_BATCHING,)
+
+#: The linger of the batching client's phase (lesson_progress_client.HeartbeatBatching).
+BATCHING_LINGER = 0.002
 
 # Latency targets checked in open loop (arrivals at half the closed-loop throughput).
 LATENCY_TARGETS_MS: dict[Op, float] = {

@@ -12,7 +12,14 @@ import asyncpg
 
 from bench import machine, postgres, profiling, seed
 from bench.load import LoadGenerators, Setup
-from bench.operations import FLOOR_OPS, LATENCY_TARGETS_MS, SPECS, Backend, Op
+from bench.operations import (
+    FLOOR_OPS,
+    LATENCY_TARGETS_MS,
+    SERVICE_ONLY_OPS,
+    SPECS,
+    Backend,
+    Op,
+)
 from bench.results import RunResult
 from bench.runner import DatabaseCpu, PhaseRunner
 from bench.service import ServiceProcess
@@ -23,6 +30,7 @@ log = logging.getLogger("bench")
 
 WRITES = (
     Op.RECORD_TIME,
+    Op.RECORD_TIME_BATCHING,
     Op.BATCH_RECORD_TIME,
     Op.START_LESSON,
     Op.RECORD_ATTEMPT,
@@ -46,6 +54,8 @@ PROFILED = (Op.RECORD_TIME, Op.GET_LESSON_PROGRESS, Op.STREAM_COURSE_LEARNERS)
 
 def backends_of(op: Op) -> list[Backend]:
     """The backends ``op`` is measured on."""
+    if op in SERVICE_ONLY_OPS:
+        return [Backend.SERVICE]
     return (
         [Backend.SERVICE]
         + ([Backend.FLOOR] if op in FLOOR_OPS else [])

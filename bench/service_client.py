@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
 
 from bench.backends import Call, Outcome, Window, unsupported
 from bench.keys import CourseKey, Heartbeat, Key, Params, Scored
-from bench.operations import Op
+from bench.operations import BATCHING_LINGER, Op
+from lesson_progress_client import HeartbeatBatching, ProgressClient
 from lessonprogress.v1 import (
     analytics_service_pb2,
     analytics_service_pb2_grpc,
@@ -29,7 +33,7 @@ def _record_time(beat: Heartbeat) -> pb.RecordTimeRequest:
 def _request(op: Op, params: Params) -> object:
     """The request message of ``op`` for ``params``."""
     match op, params:
-        case Op.RECORD_TIME, Heartbeat():
+        case Op.RECORD_TIME | Op.RECORD_TIME_BATCHING, Heartbeat():
             return _record_time(params)
         case Op.BATCH_RECORD_TIME, tuple():
             return pb.BatchRecordTimeRequest(requests=[_record_time(b) for b in params])
@@ -76,6 +80,10 @@ class ServiceBackend:
             self._channels = [grpc.aio.insecure_channel(self.address)]
         for channel in self._channels:
             await channel.channel_ready()
+        # The typed client with heartbeat batching, as one application process shares it.
+        self._batching = ProgressClient(
+            self.address, batching=HeartbeatBatching(linger=BATCHING_LINGER), timeout=30
+        )
         progress = [progress_service_pb2_grpc.ProgressServiceStub(c) for c in self._channels]
         analytics = [analytics_service_pb2_grpc.AnalyticsServiceStub(c) for c in self._channels]
         self._unary = {
@@ -106,31 +114,48 @@ class ServiceBackend:
                 return 1, True
 
             return unary
+        if op is Op.RECORD_TIME_BATCHING:
+            client = self._batching
+
+            async def batched(slot: int, request: object, window: Window) -> Outcome:
+                assert isinstance(request, pb.RecordTimeRequest)
+                await client.record_time(
+                    user_id=request.user_id,
+                    course_id=request.course_id,
+                    lesson_id=request.lesson_id,
+                    seconds=request.seconds,
+                    request_id=request.request_id,
+                )
+                return 1, True
+
+            return batched
         if op is Op.BATCH_RECORD_TIME:
             batches = self._batch
 
             async def batch(slot: int, request: object, window: Window) -> Outcome:
                 response = await batches[slot % len(batches)](request)  # type: ignore[arg-type]
-                return len(response.lessons), True
+                return len(response.entry_results) or len(response.lessons), True
 
             return batch
         if op in (Op.STREAM_LESSON_STATS, Op.STREAM_LESSON_STATS_LARGEST):
-            return self._stream(self._lesson_stats)
+            return self._stream(self._lesson_stats, lambda response: 1)
         if op is Op.STREAM_COURSE_LEARNERS:
-            return self._stream(self._learners)
+            return self._stream(self._learners, lambda response: len(response.learners))
         return unsupported(op, "service")
 
     @staticmethod
-    def _stream(methods: list[object]) -> Call:
+    def _stream(methods: list[object], rows_of: Callable[[Any], int]) -> Call:
+        """A stream whose responses carry ``rows_of(response)`` rows each."""
+
         async def stream(slot: int, request: object, window: Window) -> Outcome:
             call = methods[slot % len(methods)](request)  # type: ignore[operator]
             rows = 0
-            async for _ in call:
+            async for response in call:
                 inside, past = window.rows_now()
                 if past:
                     call.cancel()
                     return rows, False
-                rows += inside
+                rows += inside * rows_of(response)
             return rows, True
 
         return stream
@@ -140,7 +165,9 @@ class ServiceBackend:
         return op is Op.STREAM_COURSE_LEARNERS
 
     async def close(self) -> None:
-        """Closes the channels."""
+        """Closes the channels and the batching client."""
         for channel in self._channels:
             await channel.close()
+        if self._channels:
+            await self._batching.close()
         self._channels = []

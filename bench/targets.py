@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench.operations import FLOOR_OPS, LATENCY_TARGETS_MS, SPECS, Backend, Op
+from bench.operations import BATCHING_LINGER, FLOOR_OPS, LATENCY_TARGETS_MS, SPECS, Backend, Op
 from bench.results import RunResult
 from bench.stages import STAGES
 
@@ -101,6 +101,23 @@ def _floor_checks(result: RunResult) -> list[Check]:
     return checks
 
 
+def _batching_checks(result: RunResult) -> list[Check]:
+    """The typed client's heartbeat batching against unary RecordTime, same concurrency."""
+    unary = result.phase(Op.RECORD_TIME, Backend.SERVICE)
+    batching = result.phase(Op.RECORD_TIME_BATCHING, Backend.SERVICE)
+    unary_p99 = None if unary is None else unary.latency_ms(0.99)
+    batching_p99 = None if batching is None else batching.latency_ms(0.99)
+    bound = None if unary_p99 is None else unary_p99 + BATCHING_LINGER * 1000
+    return [
+        _check("heartbeats/s through the batching client ÷ unary RecordTime calls/s",
+               _ratio(throughput(result, Op.RECORD_TIME_BATCHING, Backend.SERVICE),
+                      throughput(result, Op.RECORD_TIME, Backend.SERVICE)),
+               "≥ 10", lambda v: v >= 10, _x),
+        _check("batching client p99 ÷ (linger + unary RecordTime p99)",
+               _ratio(batching_p99, bound), "≤ 1", lambda v: v <= 1, _x),
+    ]  # fmt: skip
+
+
 def evaluate(result: RunResult) -> list[Check]:
     """Every target, in the order of performance.md."""
     service, raw = Backend.SERVICE, Backend.RAW
@@ -117,6 +134,7 @@ def evaluate(result: RunResult) -> list[Check]:
                _ratio(batch, throughput(result, Op.BATCH_RECORD_TIME, raw)), "≥ 0.5",
                lambda v: v >= 0.5, _x),
     ]  # fmt: skip
+    checks.extend(_batching_checks(result))
     heartbeat = result.phase(Op.RECORD_TIME, service)
     checks.append(
         _check("HOT share of heartbeat updates (RecordTime phase)",

@@ -130,3 +130,14 @@ class ServerProcess:
             self.process.kill()
         self.process.wait(timeout=self.stop_timeout)
         self._log.close()
+
+
+def lost_response() -> grpc.aio.AioRpcError:
+    """The UNAVAILABLE a client sees when a committed call's response is lost (injected by
+    a test's interceptor after the server answered)."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="response lost (injected by the test)",
+    )

@@ -86,7 +86,7 @@ async def course_learners(
     call = analytics.StreamCourseLearners(
         an.StreamCourseLearnersRequest(course_id=course_id, page_size=page_size)
     )
-    return [m.course_progress for m in await collect(call)]
+    return [learner for m in await collect(call) for learner in m.learners]
 
 
 async def stream_error(call: Any, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
@@ -1027,8 +1027,56 @@ async def test_many_learners_page_size_is_only_the_batch(
     call = analytics.StreamCourseLearners(
         an.StreamCourseLearnersRequest(course_id=big_course.course_id, page_size=page_size)
     )
-    ids = [m.course_progress.user_id for m in await collect(call)]
+    ids = [learner.user_id for m in await collect(call) for learner in m.learners]
     assert ids == sorted(big_course.seconds)
+
+
+# The bounds of one StreamCourseLearnersResponse, as the proto states them.
+CHUNK_LEARNERS = 500
+CHUNK_BYTES = 1 << 20
+
+
+async def test_learners_come_in_chunks_bounded_by_bytes(
+    analytics: Analytics, big_course: BigCourse
+):
+    """4 KB bookmarks: a chunk ends when the next learner would pass 1 MiB."""
+    call = analytics.StreamCourseLearners(
+        an.StreamCourseLearnersRequest(course_id=big_course.course_id)
+    )
+    messages = await collect(call)
+    sizes = [len(m.learners) for m in messages]
+    assert sum(sizes) == BIG_LEARNERS
+    assert all(0 < size <= CHUNK_LEARNERS for size in sizes)
+    assert all(m.ByteSize() <= CHUNK_BYTES for m in messages)
+    largest_learner = max(learner.ByteSize() for m in messages for learner in m.learners)
+    # Every chunk but the last is full: one more learner would not have fitted.
+    assert all(m.ByteSize() > CHUNK_BYTES - largest_learner - 8 for m in messages[:-1])
+    ids = [learner.user_id for m in messages for learner in m.learners]
+    assert ids == sorted(big_course.seconds)
+
+
+async def test_learners_come_in_chunks_of_at_most_500(
+    analytics: Analytics, progress: Progress, catalog: Catalog
+):
+    course_id = new_id()
+    await register(catalog, course_id, [LessonSpec("l1", "plain")])
+    users = [new_id() for _ in range(1100)]
+    for start in range(0, len(users), 1000):
+        await progress.BatchRecordTime(
+            ps.BatchRecordTimeRequest(
+                requests=[
+                    ps.RecordTimeRequest(**key(user, course_id, "l1"), seconds=7)
+                    for user in users[start : start + 1000]
+                ]
+            )
+        )
+    call = analytics.StreamCourseLearners(
+        an.StreamCourseLearnersRequest(course_id=course_id, page_size=300)
+    )
+    messages = await collect(call)
+    assert [len(m.learners) for m in messages] == [500, 500, 100]
+    assert [learner.user_id for m in messages for learner in m.learners] == sorted(users)
+    assert {learner.total_time_spent_seconds for m in messages for learner in m.learners} == {7}
 
 
 async def stream_backends(db: asyncpg.Connection) -> int:
@@ -1095,7 +1143,7 @@ async def abandon_stream(database_url: str, course_id: str, first_user: str, how
             try:
                 first = await asyncio.wait_for(call.read(), HANG_GUARD_SECONDS)
                 assert first is not grpc.aio.EOF
-                assert first.course_progress.user_id == first_user
+                assert first.learners[0].user_id == first_user
                 # The stream is in flight: its snapshot transaction is open on the server.
                 assert await stream_backends(db) == 1
                 assert running.database.stream_stats().in_use > 0

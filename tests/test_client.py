@@ -48,6 +48,7 @@ from lessonprogress.v1 import (
 )
 from tests.certs import make_pki
 from tests.conftest import new_id, server_config
+from tests.support import lost_response
 
 HANG_GUARD = 60.0  # seconds; a deadline that only stops a broken test from hanging
 
@@ -272,6 +273,29 @@ async def test_analytics_streams(client: ProgressClient) -> None:
     assert [(c.user_id, c.completed_lessons) for c in learners] == [(first, 1), (second, 2)]
 
 
+async def test_stream_course_learners_yields_learners_one_by_one_across_chunks(
+    client: ProgressClient,
+) -> None:
+    """1,100 learners arrive in several messages (at most 500 each); the client yields each
+    learner once, in user_id order, and closing early cancels the stream."""
+    course_id, l1 = await register(client, 1)
+    users = [new_id() for _ in range(1100)]
+    for start in range(0, len(users), 1000):
+        await client.batch_record_time(
+            Heartbeat(user, course_id, l1, index % 50 + 1)
+            for index, user in enumerate(users[start : start + 1000], start)
+        )
+    learners = [c async for c in client.stream_course_learners(course_id=course_id)]
+    assert [c.user_id for c in learners] == sorted(users)
+    seconds = {user: index % 50 + 1 for index, user in enumerate(users)}
+    assert {c.user_id: c.total_time_spent_seconds for c in learners} == seconds
+
+    stream = client.stream_course_learners(course_id=course_id)
+    async with contextlib.aclosing(stream):
+        first = await anext(stream)
+    assert first.user_id == min(users)
+
+
 async def test_watch_progress_delivers_and_replays(client: ProgressClient) -> None:
     course_id, l1, l2 = await register(client, 2)
     user = new_id()
@@ -402,12 +426,7 @@ class LoseFirstResponse(grpc.aio.UnaryUnaryClientInterceptor):
         self.sent.append(Sent(request.request_id, grpc.StatusCode.OK))
         if len(self.sent) == 1:
             await self.after_first()
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                details="response lost (injected by the test)",
-            )
+            raise lost_response()
         return call
 
 

@@ -198,10 +198,11 @@ async def test_export_and_course_progress_agree(
 
     analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(channel)
     exported = {
-        message.course_progress.user_id: message.course_progress
+        learner.user_id: learner
         async for message in analytics.StreamCourseLearners(
             an.StreamCourseLearnersRequest(course_id=course_id, page_size=2)
         )
+        for learner in message.learners
     }
     assert len(exported) == 4
     for learner in learners:

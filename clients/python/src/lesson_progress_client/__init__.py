@@ -27,6 +27,14 @@ What the client does for every call:
   is forwarding), else a fresh UUID generated once per logical call. The same id is sent on
   every retry, so the service applies the write at most once even when an attempt committed
   but its response was lost.
+* **Heartbeat batching** (off by default). With ``batching=HeartbeatBatching(linger=0.002,
+  max_batch=500)``, ``record_time`` calls made concurrently through one client wait up to
+  ``linger`` seconds and go out together as one ``BatchRecordTime`` call. Each caller still
+  gets its own lesson progress or its own error: a batch the server refuses because of one
+  entry (``requests[i]``) fails that entry's caller only and is sent again without it;
+  retries resend the same request ids, so each heartbeat counts once. Each call's deadline
+  holds. Off by default because it adds up to ``linger`` to every heartbeat and pays off
+  only when many heartbeats are in flight at once (a gateway forwarding many learners').
 * **Authentication.** ``token`` is sent as ``authorization: Bearer <token>`` metadata.
 * **TLS.** ``tls=TlsConfig(root_certificates=..., server_name=...)`` (with
   ``certificate_chain`` + ``private_key`` for mutual TLS; ``TlsConfig()`` for the system's
@@ -44,12 +52,12 @@ This distribution (``lesson-progress-client``) holds the client and the generate
 (``lessonprogress.v1``); it depends on grpcio, protobuf and googleapis-common-protos only.
 """
 
+from lesson_progress_client.batching import Credited
 from lesson_progress_client.client import (
     Attempt,
     CompleteLessonResponse,
     Course,
     CourseProgress,
-    Credited,
     DifficultLesson,
     Heartbeat,
     Lesson,
@@ -66,7 +74,7 @@ from lesson_progress_client.client import (
     RecordTimeRequest,
 )
 from lesson_progress_client.errors import DOMAIN, RETRYABLE_CODES, FieldViolation, ProgressError
-from lesson_progress_client.settings import NO_RETRIES, RetryPolicy, TlsConfig
+from lesson_progress_client.settings import NO_RETRIES, HeartbeatBatching, RetryPolicy, TlsConfig
 
 __all__ = [
     "DOMAIN",
@@ -80,6 +88,7 @@ __all__ = [
     "DifficultLesson",
     "FieldViolation",
     "Heartbeat",
+    "HeartbeatBatching",
     "Lesson",
     "LessonProgress",
     "LessonStats",

@@ -24,8 +24,9 @@ from typing import Any, Final, Self, TypeVar
 import grpc
 from google.protobuf import message as protobuf_message
 
+from lesson_progress_client.batching import Credited, HeartbeatBatcher, credited_by_entry
 from lesson_progress_client.errors import ProgressError
-from lesson_progress_client.settings import RetryPolicy, TlsConfig
+from lesson_progress_client.settings import HeartbeatBatching, RetryPolicy, TlsConfig
 from lessonprogress.v1 import (
     analytics_service_pb2,
     analytics_service_pb2_grpc,
@@ -81,15 +82,6 @@ class Heartbeat:
     occurred_at: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Credited:
-    """The outcome of one heartbeat: its lesson after the call, and the seconds the server's
-    time budget credited (0 to the heartbeat's ``seconds``)."""
-
-    lesson: LessonProgress
-    credited_seconds: int
-
-
 # --- requests --------------------------------------------------------------------------------
 
 
@@ -115,6 +107,18 @@ def _heartbeat_request(entry: Heartbeat | RecordTimeRequest) -> RecordTimeReques
     request.CopyFrom(entry)
     request.request_id = _request_id(entry.request_id)
     return request
+
+
+async def _flatten(
+    chunks: AsyncGenerator[Iterable[ItemT], None],
+) -> AsyncGenerator[ItemT, None]:
+    """The items of a stream of chunks, one by one; closing it closes (cancels) the stream."""
+    try:
+        async for chunk in chunks:
+            for item in chunk:
+                yield item
+    finally:
+        await chunks.aclose()
 
 
 # --- the client ------------------------------------------------------------------------------
@@ -155,6 +159,9 @@ class ProgressClient:
         stream_timeout: default deadline of each stream; None (the default) for none.
         options: extra gRPC channel options (keepalive, message sizes, ...).
         interceptors: grpc.aio client interceptors (tracing, logging, ...).
+        batching: a :class:`HeartbeatBatching` to coalesce concurrent ``record_time`` calls
+            into BatchRecordTime calls (a few milliseconds of linger for far fewer calls);
+            None (the default) sends each as its own RecordTime.
     """
 
     def __init__(
@@ -168,6 +175,7 @@ class ProgressClient:
         stream_timeout: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        batching: HeartbeatBatching | None = None,
     ) -> None:
         for name, value in (("timeout", timeout), ("stream_timeout", stream_timeout)):
             if value is not None and value <= 0:
@@ -195,6 +203,11 @@ class ProgressClient:
         self._catalog = catalog_service_pb2_grpc.CatalogServiceStub(self._channel)
         self._progress = progress_service_pb2_grpc.ProgressServiceStub(self._channel)
         self._analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(self._channel)
+        self._batcher = (
+            None
+            if batching is None
+            else HeartbeatBatcher(batching, self._send_batch, self._batch_retry_delay)
+        )
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -213,7 +226,10 @@ class ProgressClient:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the channel; calls still in flight are cancelled."""
+        """Closes the channel; calls still in flight are cancelled (batched heartbeats
+        still waiting for their batch are sent first)."""
+        if self._batcher is not None:
+            await self._batcher.close()
         await self._channel.close()
 
     # --- call machinery ----------------------------------------------------------------------
@@ -244,6 +260,22 @@ class ProgressClient:
                 if delay is None:
                     raise error from exc
             await asyncio.sleep(delay)
+
+    async def _send_batch(
+        self, request: progress_service_pb2.BatchRecordTimeRequest, timeout: float | None
+    ) -> progress_service_pb2.BatchRecordTimeResponse:
+        """One attempt of a batch of coalesced heartbeats (the batcher retries)."""
+        try:
+            return await self._progress.BatchRecordTime(
+                request, timeout=timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise ProgressError.from_rpc_error(exc) from exc
+
+    def _batch_retry_delay(
+        self, error: ProgressError, attempt: int, deadline: float | None
+    ) -> float | None:
+        return self._retry_delay("BatchRecordTime", error, attempt, deadline)
 
     def _retry_delay(
         self, name: str, error: ProgressError, attempt: int, deadline: float | None
@@ -374,6 +406,10 @@ class ProgressClient:
         and reused on every retry. INVALID_ARGUMENT for ``seconds`` outside 1..max. The
         server's time budget may credit less than ``seconds``: ``record_time_credited``
         says how much.
+
+        With ``batching``, the heartbeat joins the others sent concurrently through this
+        client in one BatchRecordTime call; the result and errors are this call's own. Two
+        heartbeats for the same lesson in one batch both return the state after both.
         """
         credited = await self.record_time_credited(
             user_id=user_id,
@@ -401,6 +437,9 @@ class ProgressClient:
         request = _heartbeat_request(
             Heartbeat(user_id, course_id, lesson_id, seconds, request_id, occurred_at)
         )
+        if self._batcher is not None:
+            budget = self._timeout if timeout is None else timeout
+            return await self._batcher.record_time(request, budget)
         response = await self._unary("RecordTime", self._progress.RecordTime, request, timeout)
         return Credited(response.lesson, response.credited_seconds)
 
@@ -430,16 +469,7 @@ class ProgressClient:
         response = await self._unary(
             "BatchRecordTime", self._progress.BatchRecordTime, request, timeout
         )
-        if not response.entry_results:  # a server from before the time budget: all credited
-            return [
-                Credited(lesson, entry.seconds)
-                for lesson, entry in zip(response.lessons, request.requests, strict=True)
-            ]
-        lessons = response.distinct_lessons
-        return [
-            Credited(lessons[result.lesson_index], result.credited_seconds)
-            for result in response.entry_results
-        ]
+        return credited_by_entry(response, request.requests)
 
     async def record_attempt(
         self,
@@ -817,15 +847,19 @@ class ProgressClient:
     ) -> AsyncGenerator[CourseProgress, None]:
         """One CourseProgress per learner with progress in the course, by ``user_id``.
 
-        ``page_size`` is how many rows the server reads per round trip (0 means 1,000).
+        The server sends the learners in chunks (up to 500 per message); they are yielded
+        one by one. ``page_size`` is how many rows the server reads per round trip (0 means
+        1,000).
         """
         request = analytics_service_pb2.StreamCourseLearnersRequest(
             course_id=course_id, page_size=page_size
         )
-        return self._stream(
-            "StreamCourseLearners",
-            self._analytics.StreamCourseLearners,
-            request,
-            timeout,
-            lambda response: response.course_progress,
+        return _flatten(
+            self._stream(
+                "StreamCourseLearners",
+                self._analytics.StreamCourseLearners,
+                request,
+                timeout,
+                lambda response: response.learners,
+            )
         )

@@ -71,3 +71,22 @@ class TlsConfig:
             private_key=self.private_key,
             certificate_chain=self.certificate_chain,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatBatching:
+    """Coalescing of concurrent ``record_time`` calls into ``BatchRecordTime`` calls.
+
+    A heartbeat waits at most ``linger`` seconds for others to join it; a batch is sent at
+    once when it holds ``max_batch`` heartbeats (1-1,000, the server's limit). Each caller
+    still gets its own result or error, under its own deadline and request id.
+    """
+
+    linger: float = 0.002
+    max_batch: int = 500
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.linger <= 1:
+            raise ValueError(f"linger must be between 0 and 1 second, got {self.linger}")
+        if not 1 <= self.max_batch <= 1000:
+            raise ValueError(f"max_batch must be between 1 and 1,000, got {self.max_batch}")

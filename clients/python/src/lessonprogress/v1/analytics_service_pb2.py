@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lessonprogress.v1 import resources_pb2 as lessonprogress_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)lessonprogress/v1/analytics_service.proto\x12\x11lessonprogress.v1\x1a!lessonprogress/v1/resources.proto\"-\n\x18StreamLessonStatsRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\t\"Q\n\x19StreamLessonStatsResponse\x12\x34\n\x0clesson_stats\x18\x01 \x01(\x0b\x32\x1e.lessonprogress.v1.LessonStats\"K\n\x1dStreamDifficultLessonsRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\t\x12\x17\n\x0fmin_completions\x18\x02 \x01(\x05\"^\n\x1eStreamDifficultLessonsResponse\x12<\n\x10\x64ifficult_lesson\x18\x01 \x01(\x0b\x32\".lessonprogress.v1.DifficultLesson\"C\n\x1bStreamCourseLearnersRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\"Z\n\x1cStreamCourseLearnersResponse\x12:\n\x0f\x63ourse_progress\x18\x01 \x01(\x0b\x32!.lessonprogress.v1.CourseProgress2\x80\x03\n\x10\x41nalyticsService\x12p\n\x11StreamLessonStats\x12+.lessonprogress.v1.StreamLessonStatsRequest\x1a,.lessonprogress.v1.StreamLessonStatsResponse0\x01\x12\x7f\n\x16StreamDifficultLessons\x12\x30.lessonprogress.v1.StreamDifficultLessonsRequest\x1a\x31.lessonprogress.v1.StreamDifficultLessonsResponse0\x01\x12y\n\x14StreamCourseLearners\x12..lessonprogress.v1.StreamCourseLearnersRequest\x1a/.lessonprogress.v1.StreamCourseLearnersResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)lessonprogress/v1/analytics_service.proto\x12\x11lessonprogress.v1\x1a!lessonprogress/v1/resources.proto\"-\n\x18StreamLessonStatsRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\t\"Q\n\x19StreamLessonStatsResponse\x12\x34\n\x0clesson_stats\x18\x01 \x01(\x0b\x32\x1e.lessonprogress.v1.LessonStats\"K\n\x1dStreamDifficultLessonsRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\t\x12\x17\n\x0fmin_completions\x18\x02 \x01(\x05\"^\n\x1eStreamDifficultLessonsResponse\x12<\n\x10\x64ifficult_lesson\x18\x01 \x01(\x0b\x32\".lessonprogress.v1.DifficultLesson\"C\n\x1bStreamCourseLearnersRequest\x12\x11\n\tcourse_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\"S\n\x1cStreamCourseLearnersResponse\x12\x33\n\x08learners\x18\x01 \x03(\x0b\x32!.lessonprogress.v1.CourseProgress2\x80\x03\n\x10\x41nalyticsService\x12p\n\x11StreamLessonStats\x12+.lessonprogress.v1.StreamLessonStatsRequest\x1a,.lessonprogress.v1.StreamLessonStatsResponse0\x01\x12\x7f\n\x16StreamDifficultLessons\x12\x30.lessonprogress.v1.StreamDifficultLessonsRequest\x1a\x31.lessonprogress.v1.StreamDifficultLessonsResponse0\x01\x12y\n\x14StreamCourseLearners\x12..lessonprogress.v1.StreamCourseLearnersRequest\x1a/.lessonprogress.v1.StreamCourseLearnersResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,7 +43,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMCOURSELEARNERSREQUEST']._serialized_start=402
   _globals['_STREAMCOURSELEARNERSREQUEST']._serialized_end=469
   _globals['_STREAMCOURSELEARNERSRESPONSE']._serialized_start=471
-  _globals['_STREAMCOURSELEARNERSRESPONSE']._serialized_end=561
-  _globals['_ANALYTICSSERVICE']._serialized_start=564
-  _globals['_ANALYTICSSERVICE']._serialized_end=948
+  _globals['_STREAMCOURSELEARNERSRESPONSE']._serialized_end=554
+  _globals['_ANALYTICSSERVICE']._serialized_start=557
+  _globals['_ANALYTICSSERVICE']._serialized_end=941
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from lessonprogress.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -143,23 +145,26 @@ Global___StreamCourseLearnersRequest: _TypeAlias = StreamCourseLearnersRequest  
 
 @_typing.final
 class StreamCourseLearnersResponse(_message.Message):
-    """Response of StreamCourseLearners: one per learner."""
+    """Response of StreamCourseLearners: one chunk of learners."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    COURSE_PROGRESS_FIELD_NUMBER: _builtins.int
+    LEARNERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def course_progress(self) -> _resources_pb2.CourseProgress:
-        """The learner's progress in the course."""
+    def learners(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.CourseProgress]:
+        """Consecutive learners in `user_id` order (each chunk continues where the previous one
+        ended): 1 to 500 per response, fewer when their encoded size would pass 1 MiB. Never
+        empty.
+        """
 
     def __init__(
         self,
         *,
-        course_progress: _resources_pb2.CourseProgress | None = ...,
+        learners: _abc.Iterable[_resources_pb2.CourseProgress] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["course_progress", b"course_progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["course_progress", b"course_progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["learners", b"learners"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

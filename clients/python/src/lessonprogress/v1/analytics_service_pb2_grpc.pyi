@@ -68,8 +68,11 @@ class AnalyticsServiceStub:
     """
     StreamCourseLearners: _grpc.UnaryStreamMultiCallable[_analytics_service_pb2.StreamCourseLearnersRequest, _analytics_service_pb2.StreamCourseLearnersResponse]
     """Streams one CourseProgress per learner with any progress in the course, ordered by
-    `user_id`: the export that a report or a data warehouse pulls. Streams any number of
-    learners without holding them in memory.
+    `user_id` across the whole stream: the export that a report or a data warehouse pulls.
+    Each response carries a chunk of consecutive learners (at most 500 and about 1 MiB),
+    so a large course costs few messages; streams any number of learners without holding
+    them in memory. (Until 2026-12 each response carried one learner in a singular field
+    1 `course_progress`; field 1 is now the repeated `learners`.)
 
     Returns INVALID_ARGUMENT for a malformed course id or a page size outside 0-10,000,
     NOT_FOUND if the course is not registered.
@@ -115,8 +118,11 @@ class AnalyticsServiceAsyncStub(AnalyticsServiceStub):
     """
     StreamCourseLearners: _aio.UnaryStreamMultiCallable[_analytics_service_pb2.StreamCourseLearnersRequest, _analytics_service_pb2.StreamCourseLearnersResponse]  # type: ignore[assignment]
     """Streams one CourseProgress per learner with any progress in the course, ordered by
-    `user_id`: the export that a report or a data warehouse pulls. Streams any number of
-    learners without holding them in memory.
+    `user_id` across the whole stream: the export that a report or a data warehouse pulls.
+    Each response carries a chunk of consecutive learners (at most 500 and about 1 MiB),
+    so a large course costs few messages; streams any number of learners without holding
+    them in memory. (Until 2026-12 each response carried one learner in a singular field
+    1 `course_progress`; field 1 is now the repeated `learners`.)
 
     Returns INVALID_ARGUMENT for a malformed course id or a page size outside 0-10,000,
     NOT_FOUND if the course is not registered.
@@ -177,8 +183,11 @@ class AnalyticsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_analytics_service_pb2.StreamCourseLearnersResponse], _abc.AsyncIterator[_analytics_service_pb2.StreamCourseLearnersResponse]]:
         """Streams one CourseProgress per learner with any progress in the course, ordered by
-        `user_id`: the export that a report or a data warehouse pulls. Streams any number of
-        learners without holding them in memory.
+        `user_id` across the whole stream: the export that a report or a data warehouse pulls.
+        Each response carries a chunk of consecutive learners (at most 500 and about 1 MiB),
+        so a large course costs few messages; streams any number of learners without holding
+        them in memory. (Until 2026-12 each response carried one learner in a singular field
+        1 `course_progress`; field 1 is now the repeated `learners`.)
 
         Returns INVALID_ARGUMENT for a malformed course id or a page size outside 0-10,000,
         NOT_FOUND if the course is not registered.

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file lessonprogress/v1/analytics_service.proto.
  */
 export const file_lessonprogress_v1_analytics_service: GenFile = /*@__PURE__*/
-  fileDesc("CilsZXNzb25wcm9ncmVzcy92MS9hbmFseXRpY3Nfc2VydmljZS5wcm90bxIRbGVzc29ucHJvZ3Jlc3MudjEiLQoYU3RyZWFtTGVzc29uU3RhdHNSZXF1ZXN0EhEKCWNvdXJzZV9pZBgBIAEoCSJRChlTdHJlYW1MZXNzb25TdGF0c1Jlc3BvbnNlEjQKDGxlc3Nvbl9zdGF0cxgBIAEoCzIeLmxlc3NvbnByb2dyZXNzLnYxLkxlc3NvblN0YXRzIksKHVN0cmVhbURpZmZpY3VsdExlc3NvbnNSZXF1ZXN0EhEKCWNvdXJzZV9pZBgBIAEoCRIXCg9taW5fY29tcGxldGlvbnMYAiABKAUiXgoeU3RyZWFtRGlmZmljdWx0TGVzc29uc1Jlc3BvbnNlEjwKEGRpZmZpY3VsdF9sZXNzb24YASABKAsyIi5sZXNzb25wcm9ncmVzcy52MS5EaWZmaWN1bHRMZXNzb24iQwobU3RyZWFtQ291cnNlTGVhcm5lcnNSZXF1ZXN0EhEKCWNvdXJzZV9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUiWgocU3RyZWFtQ291cnNlTGVhcm5lcnNSZXNwb25zZRI6Cg9jb3Vyc2VfcHJvZ3Jlc3MYASABKAsyIS5sZXNzb25wcm9ncmVzcy52MS5Db3Vyc2VQcm9ncmVzczKAAwoQQW5hbHl0aWNzU2VydmljZRJwChFTdHJlYW1MZXNzb25TdGF0cxIrLmxlc3NvbnByb2dyZXNzLnYxLlN0cmVhbUxlc3NvblN0YXRzUmVxdWVzdBosLmxlc3NvbnByb2dyZXNzLnYxLlN0cmVhbUxlc3NvblN0YXRzUmVzcG9uc2UwARJ/ChZTdHJlYW1EaWZmaWN1bHRMZXNzb25zEjAubGVzc29ucHJvZ3Jlc3MudjEuU3RyZWFtRGlmZmljdWx0TGVzc29uc1JlcXVlc3QaMS5sZXNzb25wcm9ncmVzcy52MS5TdHJlYW1EaWZmaWN1bHRMZXNzb25zUmVzcG9uc2UwARJ5ChRTdHJlYW1Db3Vyc2VMZWFybmVycxIuLmxlc3NvbnByb2dyZXNzLnYxLlN0cmVhbUNvdXJzZUxlYXJuZXJzUmVxdWVzdBovLmxlc3NvbnByb2dyZXNzLnYxLlN0cmVhbUNvdXJzZUxlYXJuZXJzUmVzcG9uc2UwAWIGcHJvdG8z", [file_lessonprogress_v1_resources]);
+  fileDesc("CilsZXNzb25wcm9ncmVzcy92MS9hbmFseXRpY3Nfc2VydmljZS5wcm90bxIRbGVzc29ucHJvZ3Jlc3MudjEiLQoYU3RyZWFtTGVzc29uU3RhdHNSZXF1ZXN0EhEKCWNvdXJzZV9pZBgBIAEoCSJRChlTdHJlYW1MZXNzb25TdGF0c1Jlc3BvbnNlEjQKDGxlc3Nvbl9zdGF0cxgBIAEoCzIeLmxlc3NvbnByb2dyZXNzLnYxLkxlc3NvblN0YXRzIksKHVN0cmVhbURpZmZpY3VsdExlc3NvbnNSZXF1ZXN0EhEKCWNvdXJzZV9pZBgBIAEoCRIXCg9taW5fY29tcGxldGlvbnMYAiABKAUiXgoeU3RyZWFtRGlmZmljdWx0TGVzc29uc1Jlc3BvbnNlEjwKEGRpZmZpY3VsdF9sZXNzb24YASABKAsyIi5sZXNzb25wcm9ncmVzcy52MS5EaWZmaWN1bHRMZXNzb24iQwobU3RyZWFtQ291cnNlTGVhcm5lcnNSZXF1ZXN0EhEKCWNvdXJzZV9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUiUwocU3RyZWFtQ291cnNlTGVhcm5lcnNSZXNwb25zZRIzCghsZWFybmVycxgBIAMoCzIhLmxlc3NvbnByb2dyZXNzLnYxLkNvdXJzZVByb2dyZXNzMoADChBBbmFseXRpY3NTZXJ2aWNlEnAKEVN0cmVhbUxlc3NvblN0YXRzEisubGVzc29ucHJvZ3Jlc3MudjEuU3RyZWFtTGVzc29uU3RhdHNSZXF1ZXN0GiwubGVzc29ucHJvZ3Jlc3MudjEuU3RyZWFtTGVzc29uU3RhdHNSZXNwb25zZTABEn8KFlN0cmVhbURpZmZpY3VsdExlc3NvbnMSMC5sZXNzb25wcm9ncmVzcy52MS5TdHJlYW1EaWZmaWN1bHRMZXNzb25zUmVxdWVzdBoxLmxlc3NvbnByb2dyZXNzLnYxLlN0cmVhbURpZmZpY3VsdExlc3NvbnNSZXNwb25zZTABEnkKFFN0cmVhbUNvdXJzZUxlYXJuZXJzEi4ubGVzc29ucHJvZ3Jlc3MudjEuU3RyZWFtQ291cnNlTGVhcm5lcnNSZXF1ZXN0Gi8ubGVzc29ucHJvZ3Jlc3MudjEuU3RyZWFtQ291cnNlTGVhcm5lcnNSZXNwb25zZTABYgZwcm90bzM", [file_lessonprogress_v1_resources]);
 
 /**
  * Request of StreamLessonStats.
@@ -135,17 +135,19 @@ export const StreamCourseLearnersRequestSchema: GenMessage<StreamCourseLearnersR
   messageDesc(file_lessonprogress_v1_analytics_service, 4);
 
 /**
- * Response of StreamCourseLearners: one per learner.
+ * Response of StreamCourseLearners: one chunk of learners.
  *
  * @generated from message lessonprogress.v1.StreamCourseLearnersResponse
  */
 export type StreamCourseLearnersResponse = Message<"lessonprogress.v1.StreamCourseLearnersResponse"> & {
   /**
-   * The learner's progress in the course.
+   * Consecutive learners in `user_id` order (each chunk continues where the previous one
+   * ended): 1 to 500 per response, fewer when their encoded size would pass 1 MiB. Never
+   * empty.
    *
-   * @generated from field: lessonprogress.v1.CourseProgress course_progress = 1;
+   * @generated from field: repeated lessonprogress.v1.CourseProgress learners = 1;
    */
-  courseProgress?: CourseProgress | undefined;
+  learners: CourseProgress[];
 };
 
 /**
@@ -209,8 +211,11 @@ export const AnalyticsService: GenService<{
   },
   /**
    * Streams one CourseProgress per learner with any progress in the course, ordered by
-   * `user_id`: the export that a report or a data warehouse pulls. Streams any number of
-   * learners without holding them in memory.
+   * `user_id` across the whole stream: the export that a report or a data warehouse pulls.
+   * Each response carries a chunk of consecutive learners (at most 500 and about 1 MiB),
+   * so a large course costs few messages; streams any number of learners without holding
+   * them in memory. (Until 2026-12 each response carried one learner in a singular field
+   * 1 `course_progress`; field 1 is now the repeated `learners`.)
    *
    * Returns INVALID_ARGUMENT for a malformed course id or a page size outside 0-10,000,
    * NOT_FOUND if the course is not registered.
