@@ -261,15 +261,26 @@ def _wrap_stream(
                         async with asyncio.timeout(policy.stream_idle_seconds):
                             await context.write(response)
                     except TimeoutError:
-                        raise errors.DeadlineExceeded(
-                            f"the reader took no message for {policy.stream_idle_seconds:g}s"
-                            " (LESSON_PROGRESS_STREAM_IDLE_TIMEOUT); the stream ended",
-                            reason="STREAM_READER_IDLE",
-                        ) from None
+                        raise _reader_idle(policy.stream_idle_seconds) from None
+                    except Exception:
+                        # A write to a call the caller has just cancelled fails inside gRPC
+                        # (ExecuteBatchError): that is the caller leaving, not an error.
+                        if context.done():
+                            raise asyncio.CancelledError from None
+                        raise
             finally:
                 await responses.aclose()  # type: ignore[attr-defined]
 
     return handle
+
+
+def _reader_idle(idle_seconds: float) -> errors.DeadlineExceeded:
+    """What a stream whose reader stopped reading ends with."""
+    return errors.DeadlineExceeded(
+        f"the reader took no message for {idle_seconds:g}s"
+        " (LESSON_PROGRESS_STREAM_IDLE_TIMEOUT); the stream ended",
+        reason="STREAM_READER_IDLE",
+    )
 
 
 def add_servicer(
