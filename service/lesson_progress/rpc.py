@@ -114,7 +114,8 @@ class RpcPolicy:
     """Calls ended by ``close`` at the end of the shutdown grace."""
 
     holding: bool = field(default=False, init=False)
-    """Set by ``close``: new calls wait (for their UNAVAILABLE) instead of being refused."""
+    """Set by ``close`` until gRPC stops: new calls wait (for their UNAVAILABLE) instead
+    of being refused at once."""
 
     async def refuse(self) -> None:
         """Refuses a call that arrived after shutdown began: UNAVAILABLE (SHUTTING_DOWN),
@@ -136,24 +137,40 @@ class RpcPolicy:
             await asyncio.sleep(min(quiet / 2, max(0.0, end - loop.time())))
 
     async def close(
-        self, stop: Callable[[], Coroutine[Any, Any, None]], *, hold: float = 0.1
+        self,
+        stop: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        quiet: float = 0.05,
+        at_most: float = 0.5,
     ) -> None:
         """After ``drain``: stops gRPC (``stop``) and ends every call still in a handler
         with UNAVAILABLE (SHUTTING_DOWN), so that gRPC has no call left to cancel.
 
         gRPC answers CANCELLED, which callers do not retry, to the calls it has received
         but not yet handed to a handler when it stops, and to those still in a handler
-        when its own grace ends. So for ``hold`` seconds before ``stop`` new calls wait
-        in their handler instead of being refused at once (their callers, waiting, send
-        no more), gRPC stops taking calls, and only then are all of them answered.
+        when its own grace ends. So until no call has arrived for ``quiet`` seconds (at
+        most ``at_most``) new calls wait in their handler instead of being refused at
+        once (their callers, waiting, send no more); then gRPC stops taking calls, and
+        only then are all of them answered, as is any call gRPC still hands over.
         """
+        loop = asyncio.get_running_loop()
         self.holding = True
-        await asyncio.sleep(hold)
+        end = loop.time() + at_most
+        await asyncio.sleep(quiet)
+        while loop.time() < end:
+            if time.monotonic() - self.last_arrival >= quiet:
+                break
+            await asyncio.sleep(quiet / 5)
         stopping = asyncio.create_task(stop())
-        await asyncio.sleep(hold / 2)  # gRPC no longer takes calls (GOAWAY sent)
-        for task in self.running:
-            self.cut_off.add(task)
-            task.cancel()
+        await asyncio.sleep(quiet)  # gRPC no longer takes calls (GOAWAY sent)
+        self.holding = False
+        while True:
+            for task in self.running - self.cut_off:
+                self.cut_off.add(task)
+                task.cancel()
+            if stopping.done():
+                break
+            await asyncio.sleep(0.01)
         await stopping
 
 

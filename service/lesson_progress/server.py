@@ -67,8 +67,10 @@ class StartupError(Exception):
 PAGE_TOKEN_KEY = "SELECT value FROM service_secrets WHERE name = 'page_token_key'"
 
 
-# Of the shutdown grace, what is kept for closing (RpcPolicy.close) and gRPC's own stop.
-STOP_SLACK = 0.25
+# Of the shutdown grace, what is kept for closing (RpcPolicy.close: at most 0.6 s) and
+# gRPC's own stop (GRPC_STOP_GRACE).
+STOP_SLACK = 1.0
+GRPC_STOP_GRACE = 0.25
 
 
 @dataclass
@@ -96,7 +98,7 @@ class RunningServer:
         self.shutdown.begin()
         await self.health.update()
         await self.policy.drain(math.inf if grace is None else grace - STOP_SLACK)
-        await self.policy.close(lambda: self.server.stop(STOP_SLACK))
+        await self.policy.close(lambda: self.server.stop(GRPC_STOP_GRACE))
         await self.resources.aclose()
 
 
