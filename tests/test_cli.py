@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -21,7 +22,7 @@ import asyncpg
 import grpc
 import pytest
 
-from lesson_progress import config
+from lesson_progress import cli, config, server
 from lesson_progress.config import Config, ConfigError, parse_duration
 from lessonprogress.v1 import catalog_service_pb2, catalog_service_pb2_grpc, resources_pb2
 from tests.support import ServerProcess, clean_env, free_port
@@ -180,6 +181,44 @@ def test_every_setting_has_a_flag_and_a_variable() -> None:
     for _, setting in declared:
         assert f"--{setting.flag}" in flags
         assert setting.env.startswith("LESSON_PROGRESS_") or setting.env == "DATABASE_URL"
+
+
+# Values that some setting's parser rejects (a setting of free text rejects none).
+REJECTED_SOMEWHERE = ("-5", "0", "99999999999", "not a value", "1h2x", "maybe", "mysql://x")
+
+
+def _serve_flags() -> set[str]:
+    parser = cli._parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = commands.choices["serve"]
+    return {option for action in serve._actions for option in action.option_strings}
+
+
+def test_configuration_errors_name_only_flags_that_serve_accepts() -> None:
+    accepted = _serve_flags()
+    named: dict[str, set[str]] = {}
+    for _, setting in config.settings():
+        for bad in REJECTED_SOMEWHERE:
+            try:
+                config.load(parse_flags(), {setting.env: bad})
+            except ConfigError as exc:
+                problem = next(line for line in str(exc).splitlines() if setting.env in line)
+                named.setdefault(setting.env, set()).update(
+                    re.findall(r"--[a-z][a-z0-9-]*", problem)
+                )
+    conflicts = {  # settings that are wrong together, each alone being valid
+        "LESSON_PROGRESS_MIGRATIONS_DIR": "/nonexistent/migrations",
+        "LESSON_PROGRESS_TLS_CERT": "/nonexistent/cert.pem",
+        "LESSON_PROGRESS_TLS_CLIENT_CA": "/nonexistent/ca.pem",
+        "LESSON_PROGRESS_HOST": "0.0.0.0",
+    }
+    with pytest.raises(ConfigError) as raised:
+        config.load(parse_flags(), conflicts)
+    named["conflicts"] = set(re.findall(r"--[a-z][a-z0-9-]*", str(raised.value)))
+    assert len(named) > 10, named  # most settings reject some value
+    for setting, flags in named.items():
+        assert flags, f"the error of {setting} names no flag"
+        assert flags <= accepted, f"{setting}'s error names flags serve lacks: {flags - accepted}"
 
 
 # --- lesson-progress serve: bad configuration ---------------------------------------------
@@ -385,3 +424,36 @@ async def test_serve_with_embedded_postgres_persists_across_restarts(tmp_path: P
         # The data stays, and the embedded PostgreSQL was stopped with the service.
         assert (data_dir / "pgdata" / "PG_VERSION").is_file()
         assert not (data_dir / "pgdata" / "postmaster.pid").exists(), served.log_tail()
+
+
+def _postgres_processes_of(data_dir: Path) -> list[int]:
+    """Pids of processes whose command line names ``data_dir`` (a postgres -D <dir>)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(str(data_dir).encode() in arg for arg in argv) and b"pytest" not in argv[0]:
+            found.append(int(proc.name))
+    return found
+
+
+async def test_embedded_postgres_stops_when_start_up_fails_after_starting_it(
+    tmp_path: Path,
+) -> None:
+    # In the process itself, not a child: a child's exit would stop the embedded server
+    # anyway (the library stops it at interpreter exit), hiding a start-up that does not.
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:  # the gRPC port is in use: start-up fails after migrating
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Config(data_dir=data_dir, host="127.0.0.1", port=port, metrics_port=None)
+        with pytest.raises(server.StartupError, match=f"127.0.0.1:{port}"):
+            await server.start(settings)
+    assert (data_dir / "pgdata" / "PG_VERSION").exists()  # the embedded server had started
+    assert _postgres_processes_of(data_dir) == []
+    assert not (data_dir / "pgdata" / "postmaster.pid").exists()

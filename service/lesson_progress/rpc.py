@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,13 @@ def _deserializer(cls: type[message.Message]) -> Callable[[bytes], object]:
     return deserialize
 
 
+def _shutting_down() -> errors.Unavailable:
+    return errors.Unavailable(
+        "the server is shutting down; retry the call (on another replica)",
+        reason="SHUTTING_DOWN",
+    )
+
+
 @dataclass
 class RpcPolicy:
     """What every RPC goes through, besides its handler."""
@@ -83,15 +90,10 @@ class RpcPolicy:
     """time.monotonic() of the latest call to reach a handler."""
 
     def admit(self, method: str, request: object, context: Context, *, stream: bool) -> None:
-        """Lets a call through to its handler, or raises what it gets instead: UNAVAILABLE
-        at shutdown (nothing done), then the token and scope check, then a malformed
-        request, then (streams) the open-stream limit."""
+        """Lets a call through to its handler, or raises what it gets instead: the token
+        and scope check, then a malformed request, then (streams) the open-stream limit.
+        (At shutdown ``refuse`` comes first.)"""
         self.last_arrival = time.monotonic()
-        if self.shutdown.started:
-            raise errors.Unavailable(
-                "the server is shutting down; retry the call (on another replica)",
-                reason="SHUTTING_DOWN",
-            )
         if self.authenticator is not None:
             self.authenticator.authorize(method, context.invocation_metadata() or ())
         if isinstance(request, _MalformedRequest):
@@ -105,18 +107,71 @@ class RpcPolicy:
                 f"the server has {self.max_streams} streams open; retry later"
             )
 
-    async def wait_for_quiet(self, *, quiet: float = 0.1, at_most: float = 2.0) -> None:
-        """Once shutdown has begun, waits until no call has arrived for ``quiet`` seconds.
+    running: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
+    """The tasks of the calls in a handler now (admitted or being refused)."""
 
-        gRPC cancels the calls it has received but not yet handed to a handler when the
-        server stops, so at shutdown the server keeps taking calls for a moment and
-        answers each with UNAVAILABLE, which callers retry safely, instead of CANCELLED.
-        """
-        step = quiet / 2
-        for _ in range(int(at_most / step)):
-            if time.monotonic() - self.last_arrival >= quiet:
+    cut_off: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
+    """Calls ended by ``close`` at the end of the shutdown grace."""
+
+    holding: bool = field(default=False, init=False)
+    """Set by ``close`` until gRPC stops: new calls wait (for their UNAVAILABLE) instead
+    of being refused at once."""
+
+    async def refuse(self) -> None:
+        """Refuses a call that arrived after shutdown began: UNAVAILABLE (SHUTTING_DOWN),
+        at once while the server drains, once gRPC has stopped taking calls while it
+        closes (see ``close``)."""
+        if self.holding:
+            await asyncio.Event().wait()  # until ``close`` cuts it off
+        raise _shutting_down()
+
+    async def drain(self, within: float, *, quiet: float = 0.1) -> None:
+        """Once shutdown has begun: refuses new calls while the running ones finish, for
+        at most ``within`` seconds or until no call has run or arrived for ``quiet``
+        seconds."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + max(0.0, within)
+        while loop.time() < end:
+            if not self.running and time.monotonic() - self.last_arrival >= quiet:
                 return
-            await asyncio.sleep(step)
+            await asyncio.sleep(min(quiet / 2, max(0.0, end - loop.time())))
+
+    async def close(
+        self,
+        stop: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        quiet: float = 0.05,
+        at_most: float = 0.5,
+    ) -> None:
+        """After ``drain``: stops gRPC (``stop``) and ends every call still in a handler
+        with UNAVAILABLE (SHUTTING_DOWN), so that gRPC has no call left to cancel.
+
+        gRPC answers CANCELLED, which callers do not retry, to the calls it has received
+        but not yet handed to a handler when it stops, and to those still in a handler
+        when its own grace ends. So until no call has arrived for ``quiet`` seconds (at
+        most ``at_most``) new calls wait in their handler instead of being refused at
+        once (their callers, waiting, send no more); then gRPC stops taking calls, and
+        only then are all of them answered, as is any call gRPC still hands over.
+        """
+        loop = asyncio.get_running_loop()
+        self.holding = True
+        end = loop.time() + at_most
+        await asyncio.sleep(quiet)
+        while loop.time() < end:
+            if time.monotonic() - self.last_arrival >= quiet:
+                break
+            await asyncio.sleep(quiet / 5)
+        stopping = asyncio.create_task(stop())
+        await asyncio.sleep(quiet)  # gRPC no longer takes calls (GOAWAY sent)
+        self.holding = False
+        while True:
+            for task in self.running - self.cut_off:
+                self.cut_off.add(task)
+                task.cancel()
+            if stopping.done():
+                break
+            await asyncio.sleep(0.01)
+        await stopping
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -155,11 +210,17 @@ async def _call(
     code = "OK"
     gauge = None
     opened = False
+    task = asyncio.current_task()
+    assert task is not None
+    policy.running.add(task)
     try:
         remaining = context.time_remaining()
         if remaining is not None:
             # The store bounds its database work by it (statement_timeout, no late commit).
             call_deadline.set(asyncio.get_running_loop().time() + remaining)
+        if policy.shutdown.started:
+            policy.last_arrival = time.monotonic()
+            await policy.refuse()  # UNAVAILABLE: nothing done
         policy.admit(method, request, context, stream=stream)
         if stream:
             policy.open_streams += 1
@@ -169,13 +230,19 @@ async def _call(
             gauge.inc()
         yield
     except (asyncio.CancelledError, GeneratorExit):
-        code = "CANCELLED"
-        raise
+        if task not in policy.cut_off:
+            code = "CANCELLED"
+            raise
+        task.uncancel()
+        code = "UNAVAILABLE"
+        await status.abort(context, status.to_rich_status(_shutting_down()))
     except Exception as exc:
         rich = _status_of(method, exc)
         code = _CODE_NAMES[rich.code]
         await status.abort(context, rich)
     finally:
+        policy.running.discard(task)
+        policy.cut_off.discard(task)
         if opened:
             policy.open_streams -= 1
         if gauge is not None:
@@ -211,15 +278,26 @@ def _wrap_stream(
                         async with asyncio.timeout(policy.stream_idle_seconds):
                             await context.write(response)
                     except TimeoutError:
-                        raise errors.DeadlineExceeded(
-                            f"the reader took no message for {policy.stream_idle_seconds:g}s"
-                            " (LESSON_PROGRESS_STREAM_IDLE_TIMEOUT); the stream ended",
-                            reason="STREAM_READER_IDLE",
-                        ) from None
+                        raise _reader_idle(policy.stream_idle_seconds) from None
+                    except Exception:
+                        # A write to a call the caller has just cancelled fails inside gRPC
+                        # (ExecuteBatchError): that is the caller leaving, not an error.
+                        if context.done():
+                            raise asyncio.CancelledError from None
+                        raise
             finally:
                 await responses.aclose()  # type: ignore[attr-defined]
 
     return handle
+
+
+def _reader_idle(idle_seconds: float) -> errors.DeadlineExceeded:
+    """What a stream whose reader stopped reading ends with."""
+    return errors.DeadlineExceeded(
+        f"the reader took no message for {idle_seconds:g}s"
+        " (LESSON_PROGRESS_STREAM_IDLE_TIMEOUT); the stream ended",
+        reason="STREAM_READER_IDLE",
+    )
 
 
 def add_servicer(

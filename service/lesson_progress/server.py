@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,12 @@ class StartupError(Exception):
 PAGE_TOKEN_KEY = "SELECT value FROM service_secrets WHERE name = 'page_token_key'"
 
 
+# Of the shutdown grace, what is kept for closing (RpcPolicy.close: at most 0.6 s) and
+# gRPC's own stop (GRPC_STOP_GRACE).
+STOP_SLACK = 1.0
+GRPC_STOP_GRACE = 0.25
+
+
 @dataclass
 class RunningServer:
     """A started server; ``stop()`` shuts it down gracefully."""
@@ -84,12 +91,14 @@ class RunningServer:
 
     async def stop(self, grace: float | None) -> None:
         """Graceful shutdown: health goes NOT_SERVING, watch streams end with UNAVAILABLE,
-        new RPCs are refused with UNAVAILABLE, in-flight RPCs get ``grace`` seconds, then
-        the pool and everything else close (in the reverse order of their start)."""
+        new RPCs are refused with UNAVAILABLE (SHUTTING_DOWN) while in-flight RPCs get
+        ``grace`` seconds (None: as long as they take); those still running then end with
+        the same UNAVAILABLE. Then gRPC stops, and the pool and everything else close (in
+        the reverse order of their start)."""
         self.shutdown.begin()
         await self.health.update()
-        await self.policy.wait_for_quiet()
-        await self.server.stop(grace)
+        await self.policy.drain(math.inf if grace is None else grace - STOP_SLACK)
+        await self.policy.close(lambda: self.server.stop(GRPC_STOP_GRACE))
         await self.resources.aclose()
 
 

@@ -29,11 +29,6 @@ EXIT_SLACK = 8.0  # seconds beyond the grace the process may take to exit (hang 
 CALLERS = 32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 5 of issue 9: under traffic that never pauses the refusal phase ends "
-    "and gRPC cancels queued and still-running calls (CANCELLED, no ErrorInfo)",
-)
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_under_continuous_load_refuses_with_unavailable_only(
     serve: ServeFactory, workers: int

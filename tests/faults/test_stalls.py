@@ -8,6 +8,7 @@ import signal
 import subprocess
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -314,3 +315,64 @@ async def no_open_transaction(url: str) -> bool:
         )
     finally:
         await connection.close()
+
+
+def resident_kib(pid: int) -> int:
+    """The process's resident memory (VmRSS) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+async def test_memory_stays_bounded_while_the_database_is_stalled(
+    serve: ServeFactory, cluster: Cluster
+) -> None:
+    callers = 48  # concurrent callers, each sending as soon as its previous call ended
+    child = serve()
+    await child.wait_health()
+    async with child.channel() as channel:
+        course_id = await upsert_course(channel)
+        stub = progress_service_pb2_grpc.ProgressServiceStub(channel)
+        phase = {"stop": False}
+        ended: Counter[Code] = Counter()
+
+        async def caller(index: int) -> None:
+            user = new_id()
+            while not phase["stop"]:
+                if index % 4:
+                    call = stub.RecordTime(record_time(user, course_id), timeout=0.5)
+                else:  # a batch of 100 heartbeats: more held per waiting call
+                    batch = pb.BatchRecordTimeRequest(
+                        requests=[record_time(user, course_id, 1) for _ in range(100)]
+                    )
+                    call = stub.BatchRecordTime(batch, timeout=0.5)
+                ended[await code_of(call)] += 1
+
+        async def load_for(seconds: float) -> None:
+            phase["stop"] = False
+            tasks = [asyncio.create_task(caller(i)) for i in range(callers)]
+            await asyncio.sleep(seconds)
+            phase["stop"] = True
+            await asyncio.gather(*tasks)
+
+        await load_for(3.0)  # warm: plans, pool, buffers
+        before = resident_kib(child.process.pid)
+        peak = before
+        cluster.stall()
+        try:
+            load = asyncio.create_task(load_for(8.0))
+            while not load.done():
+                peak = max(peak, resident_kib(child.process.pid))
+                await asyncio.sleep(0.2)
+            await load
+        finally:
+            cluster.resume()
+        await wait_health(child, SERVING)
+        await load_for(2.0)
+        after = resident_kib(child.process.pid)
+    child.assert_running()
+    assert ended[Code.DEADLINE_EXCEEDED] + ended[Code.UNAVAILABLE] > callers, ended
+    # Calls held during the stall are let go: no growth beyond a bounded factor.
+    assert peak < 2 * before, (before, peak, after)
+    assert after < 2 * before, (before, peak, after)

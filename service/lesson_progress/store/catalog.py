@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lesson_progress import errors
-from lesson_progress.store.database import Connection, Database, Record
+from lesson_progress.store.database import Connection, Database, Record, atomically
 from lesson_progress.store.events import EventNotifier
 
 UPSERT_COURSE = """
@@ -92,7 +92,7 @@ class CatalogStore:
         lesson_ids = [lesson.lesson_id for lesson in lessons]
 
         async def work(connection: Connection) -> tuple[CourseRecord, int]:
-            async with connection.transaction():
+            async with atomically(connection):
                 await connection.execute(UPSERT_COURSE, course_id, title)
                 await connection.execute(RETIRE_LESSONS, course_id, lesson_ids)
                 await connection.execute(
@@ -123,7 +123,7 @@ class CatalogStore:
         """Deletes a course and all progress in it; returns the lesson rows deleted."""
 
         async def work(connection: Connection) -> int:
-            async with connection.transaction():
+            async with atomically(connection):
                 lessons = await connection.fetchval(COUNT_COURSE_PROGRESS, course_id)
                 if not await connection.fetchval(DELETE_COURSE, course_id):
                     raise errors.NotFound.course(course_id)

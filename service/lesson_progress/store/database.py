@@ -232,13 +232,13 @@ class Database:
         statement_ms = 0 if left is None else max(1, int(left * 1000))
         lock_ms = min(x for x in (left, lock) if x is not None)
         async with self._pool.acquire(timeout=_acquire_timeout()) as connection:
-            transaction = connection.transaction()
-            await transaction.start()
+            # One round trip opens the transaction and bounds it (a simple query of three
+            # statements); asyncpg's transaction() would send BEGIN on its own.
+            await connection.execute(
+                f"BEGIN; SET LOCAL statement_timeout = {statement_ms};"
+                f" SET LOCAL lock_timeout = {max(1, int(lock_ms * 1000))}"
+            )
             try:
-                await connection.execute(
-                    f"SET LOCAL statement_timeout = {statement_ms};"
-                    f" SET LOCAL lock_timeout = {max(1, int(lock_ms * 1000))}"
-                )
                 result = await work(connection)
                 after = remaining_seconds()
                 if after is not None and after <= 0:
@@ -248,9 +248,9 @@ class Database:
             except BaseException:
                 # Fails only when the connection is gone, which rolled back already.
                 with contextlib.suppress(Exception):
-                    await transaction.rollback()
+                    await connection.execute("ROLLBACK")
                 raise
-            await transaction.commit()
+            await connection.execute("COMMIT")
             return result
 
     async def delete_in_slices(self, statement: str, *args: object, batch: int) -> int:
@@ -293,6 +293,14 @@ class Database:
             raise _translate(exc) from None
         except _UNAVAILABLE as exc:
             raise errors.Unavailable(f"the database is unavailable: {exc}") from None
+
+
+def atomically(connection: Connection) -> contextlib.AbstractAsyncContextManager[object]:
+    """A transaction around work of several statements, unless ``Database.run`` runs the
+    work in one already (a call with a deadline)."""
+    if connection.is_in_transaction():
+        return contextlib.nullcontext()
+    return connection.transaction()
 
 
 def _stats(pool: asyncpg.Pool[Record]) -> PoolStats:

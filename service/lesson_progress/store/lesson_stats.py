@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lesson_progress.store.checks import ensure_course
-from lesson_progress.store.database import Connection, Database, Record
+from lesson_progress.store.database import Connection, Database, Record, atomically
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class LessonStatsSummaries:
         count = sum(int(row["started_count"]) for row in rows)
 
         async def save(connection: Connection) -> None:
-            async with connection.transaction():
+            async with atomically(connection):
                 await connection.executemany(
                     SAVE_LESSON,
                     [(course_id, computed_at, *(row[c] for c in _SAVED_COLUMNS)) for row in rows],

@@ -39,6 +39,15 @@ class AnalyticsServiceStub:
     requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
     (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
     cannot be reached or the server is shutting down (reason SHUTTING_DOWN).
+
+    Streams have limits of their own, each with its ErrorInfo reason:
+    RESOURCE_EXHAUSTED with reason TOO_MANY_STREAMS when the server's open-stream limit is
+    reached, and with reason STREAM_CONNECTIONS_EXHAUSTED when every database connection
+    kept for streams stayed in use for a second (retry later, with backoff);
+    DEADLINE_EXCEEDED with reason STREAM_READER_IDLE when the reader took no message for
+    the server's idle timeout (60 s by default): the stream was ended and its snapshot
+    released, so start it again to read on. UNAVAILABLE with reason SHUTTING_DOWN ends a
+    stream the server did not finish before it stopped: start it again on another replica.
     """
 
     def __init__(self, channel):
@@ -78,6 +87,15 @@ class AnalyticsServiceServicer:
     requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
     (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
     cannot be reached or the server is shutting down (reason SHUTTING_DOWN).
+
+    Streams have limits of their own, each with its ErrorInfo reason:
+    RESOURCE_EXHAUSTED with reason TOO_MANY_STREAMS when the server's open-stream limit is
+    reached, and with reason STREAM_CONNECTIONS_EXHAUSTED when every database connection
+    kept for streams stayed in use for a second (retry later, with backoff);
+    DEADLINE_EXCEEDED with reason STREAM_READER_IDLE when the reader took no message for
+    the server's idle timeout (60 s by default): the stream was ended and its snapshot
+    released, so start it again to read on. UNAVAILABLE with reason SHUTTING_DOWN ends a
+    stream the server did not finish before it stopped: start it again on another replica.
     """
 
     def StreamLessonStats(self, request, context):
@@ -163,6 +181,15 @@ class AnalyticsService:
     requires tokens (checked before anything else); RESOURCE_EXHAUSTED when a server limit
     (concurrent calls, open streams, message size) is reached; UNAVAILABLE when the database
     cannot be reached or the server is shutting down (reason SHUTTING_DOWN).
+
+    Streams have limits of their own, each with its ErrorInfo reason:
+    RESOURCE_EXHAUSTED with reason TOO_MANY_STREAMS when the server's open-stream limit is
+    reached, and with reason STREAM_CONNECTIONS_EXHAUSTED when every database connection
+    kept for streams stayed in use for a second (retry later, with backoff);
+    DEADLINE_EXCEEDED with reason STREAM_READER_IDLE when the reader took no message for
+    the server's idle timeout (60 s by default): the stream was ended and its snapshot
+    released, so start it again to read on. UNAVAILABLE with reason SHUTTING_DOWN ends a
+    stream the server did not finish before it stopped: start it again on another replica.
     """
 
     @staticmethod

@@ -168,6 +168,14 @@ export const DeleteCourseResponseSchema: GenMessage<DeleteCourseResponse> = /*@_
  * cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
  * a race repeatedly. UNAVAILABLE and ABORTED may be retried as is.
  *
+ * DEADLINE_EXCEEDED on UpsertCourse or DeleteCourse means the outcome is unknown: the
+ * server rolls back the work of a call whose deadline passed, so usually nothing was
+ * applied, but a commit already on its way may have been. Both may be resent as is
+ * (UpsertCourse stores the same outline again; a repeated DeleteCourse gets NOT_FOUND when
+ * the first one was applied). UNAVAILABLE with reason SHUTTING_DOWN: the server is
+ * stopping and did not complete the call (a call still running when its grace ended was
+ * rolled back unless its commit had gone out); resend it to another replica.
+ *
  * @generated from service lessonprogress.v1.CatalogService
  */
 export const CatalogService: GenService<{

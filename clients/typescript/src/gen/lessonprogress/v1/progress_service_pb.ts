@@ -1163,6 +1163,23 @@ export const ListNotesResponseSchema: GenMessage<ListNotesResponse> = /*@__PURE_
  * cannot be reached or the server is shutting down (reason SHUTTING_DOWN); ABORTED when a write lost
  * a race repeatedly. UNAVAILABLE and ABORTED are safe to retry with the same request_id.
  *
+ * What a failed write leaves behind:
+ * - DEADLINE_EXCEEDED: the outcome is unknown. The server rolls back the database work of
+ *   a call whose deadline passed, and starts none for a caller already gone, so usually
+ *   nothing was applied; a write whose commit was already on its way may have been.
+ *   Resend it with the same request_id: it is then counted exactly once (resent with a new
+ *   id, or without one, it may count twice). Reason LOCK_TIMEOUT: a row of the call stayed
+ *   locked by another transaction and nothing was applied.
+ * - UNAVAILABLE, reason DATABASE_UNAVAILABLE: the database could not be reached (the same
+ *   rule: resend with the same request_id). Reason SHUTTING_DOWN: the server is stopping;
+ *   a call refused on arrival did nothing, a call still running when the shutdown grace
+ *   ended was rolled back unless its commit had gone out. Resend with the same
+ *   request_id, to another replica.
+ * - On streams (WatchProgress): RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS, when the
+ *   server's open-stream limit is reached; DEADLINE_EXCEEDED, reason STREAM_READER_IDLE,
+ *   when the reader took no message for the server's idle timeout (60 s by default) and
+ *   the stream was ended; reconnect with `after_event_id`.
+ *
  * @generated from service lessonprogress.v1.ProgressService
  */
 export const ProgressService: GenService<{
