@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_OUTPUT = Path("BENCHMARKS.md")
+ENGINES = ("postgres", "citus")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class Settings:
     """Seconds of each profiling phase."""
     seed: int = 1
     """Seed of the data generator and of the key choices."""
+    engine: str | None = None
+    """"postgres" or "citus"; None: whatever BENCH_DATABASE_URL names, else postgres."""
 
 
 def parse(argv: list[str] | None = None) -> Settings:
@@ -63,6 +66,13 @@ def parse(argv: list[str] | None = None) -> Settings:
         "--profile", action="store_true", help="profile the server with py-spy afterwards"
     )
     parser.add_argument("--seed", type=int, help="random seed (1)")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="postgres: the embedded PostgreSQL; citus: a local 1-coordinator + 2-worker "
+        "Citus cluster from the installed binaries (default: what BENCH_DATABASE_URL names, "
+        "else postgres)",
+    )
     args = parser.parse_args(argv)
 
     base = (
