@@ -275,7 +275,7 @@ def section(result: RunResult, settings: Settings) -> str:
         parts += ["### Where the server's CPU goes (py-spy)\n", *result.profiles.values()]
     notes = result.notes + [
         f"{phase.op} on {phase.backend}{' (open loop)' if phase.open_loop else ''}: "
-        f"{phase.errors} errors, the first: `{phase.first_error}`"
+        f"{phase.errors} errors, the first: `{' '.join(phase.first_error.split())}`"
         for phase in result.phases
         if phase.errors and phase.first_error
     ]
