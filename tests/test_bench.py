@@ -154,7 +154,7 @@ def test_runs_on_the_citus_coordinator_and_splits_its_cpu(
     assert "<!-- bench rows=20000 engine=citus -->" in report
     assert "## Citus, 20,000 rows" in report
     assert "- `lesson_progress` after seeding: 20,000 rows" in report
-    assert "citus=Citus 13." in report or "citus=Citus " in report
+    assert "citus=Citus " in report
     rows = _table_rows(report, "### Coordinator and workers")
     assert str(Op.RECORD_TIME) in rows
     shares = [cells[-1] for cells in rows.values() if cells[-1] != "—"]
