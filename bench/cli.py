@@ -9,6 +9,8 @@ import sys
 from types import FrameType
 
 from bench import report
+from bench.citus import CitusNotAvailable
+from bench.postgres import WrongEngine
 from bench.run import run
 from bench.settings import Settings, parse
 
@@ -27,7 +29,7 @@ def execute(settings: Settings) -> str:
     text = report.section(result, settings)
     print(text)
     if settings.output is not None:
-        report.write(settings.output, settings.rows, text)
+        report.write(settings.output, settings.rows, text, result.engine)
         print(f"report written to {settings.output}", file=sys.stderr)
     return text
 
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         execute(settings)
+    except (CitusNotAvailable, WrongEngine) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

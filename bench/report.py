@@ -27,7 +27,9 @@ because the two cores are shared by the load generators, the server, PostgreSQL 
 whatever else runs on the machine: read the ratios, not the absolute numbers.
 
 """
-_SECTION = re.compile(r"<!-- bench rows=(\d+) -->\n.*?<!-- /bench rows=\1 -->\n", re.S)
+_SECTION = re.compile(
+    r"<!-- bench rows=(\d+)( engine=citus|) -->\n.*?<!-- /bench rows=\1\2 -->\n", re.S
+)
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -135,6 +137,31 @@ def latency_table(result: RunResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def coordinator_table(result: RunResult) -> str:
+    """On Citus: the database CPU per 1,000 operations, split between coordinator and
+    workers (server processes told apart by the node each belongs to)."""
+    lines = [
+        "| operation | backend | all nodes CPU-s /1k | coordinator | workers | coordinator share |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for op in ORDER:
+        for backend in (Backend.SERVICE, Backend.RAW):
+            phase = result.phase(op, backend)
+            if phase is None or phase.database_cpu is None or phase.coordinator_cpu is None:
+                continue
+            workers = phase.database_cpu - phase.coordinator_cpu
+            share = (
+                "—"
+                if phase.database_cpu <= 0
+                else f"{100 * phase.coordinator_cpu / phase.database_cpu:.0f}%"
+            )
+            lines.append(
+                f"| {op} | {backend} | {_cpu(phase, phase.database_cpu)} | "
+                f"{_cpu(phase, phase.coordinator_cpu)} | {_cpu(phase, workers)} | {share} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def targets_table(result: RunResult) -> str:
     """Each target of performance.md, met or not."""
     lines = ["| target | figure | required | status |", "|---|---:|---:|---|"]
@@ -201,8 +228,18 @@ def section(result: RunResult, settings: Settings) -> str:
     quick = (
         " (--quick: proves the harness runs; the figures mean nothing)" if settings.quick else ""
     )
+    citus = result.engine == "citus"
     parts = [
-        f"## {result.dataset.rows:,} rows — {when}{quick}\n",
+        f"## {'Citus, ' if citus else ''}{result.dataset.rows:,} rows — {when}{quick}\n",
+        *(
+            [
+                "On a Citus coordinator (the machine section says which cluster). When it and "
+                "its workers share the machine's cores with the service and the load "
+                "generators, these figures show Citus's overhead per call, not scale-out.\n"
+            ]
+            if citus
+            else []
+        ),
         _dataset(result, settings),
         "### Targets\n",
         targets_table(result),
@@ -227,13 +264,30 @@ def section(result: RunResult, settings: Settings) -> str:
         latency_table(result),
         "### Database\n",
         _database(result),
+        *(
+            [
+                "### Coordinator and workers\n",
+                "PostgreSQL CPU of the closed-loop phases per 1,000 operations or rows, "
+                "split by node: each server process counts for the node whose postmaster "
+                "it descends from.\n",
+                coordinator_table(result),
+            ]
+            if citus and any(p.coordinator_cpu is not None for p in result.phases)
+            else []
+        ),
         "### Every phase\n",
         baseline_table(result),
     ]
     if result.profiles:
         parts += ["### Where the server's CPU goes (py-spy)\n", *result.profiles.values()]
-    if result.notes:
-        parts += ["### Notes\n", "\n".join(f"- {note}" for note in result.notes) + "\n"]
+    notes = result.notes + [
+        f"{phase.op} on {phase.backend}{' (open loop)' if phase.open_loop else ''}: "
+        f"{phase.errors} errors, the first: `{' '.join(phase.first_error.split())}`"
+        for phase in result.phases
+        if phase.errors and phase.first_error
+    ]
+    if notes:
+        parts += ["### Notes\n", "\n".join(f"- {note}" for note in notes) + "\n"]
     parts += [
         "### Machine\n",
         "\n".join(f"- {name}: {value}" for name, value in result.machine.items()) + "\n",
@@ -241,16 +295,19 @@ def section(result: RunResult, settings: Settings) -> str:
     return "\n".join(parts)
 
 
-def write(path: Path, rows: int, text: str) -> None:
-    """Puts ``text`` into ``path`` as the section for ``rows``, keeping everything else."""
-    block = f"<!-- bench rows={rows} -->\n{text.rstrip()}\n<!-- /bench rows={rows} -->\n"
+def write(path: Path, rows: int, text: str, engine: str = "postgres") -> None:
+    """Puts ``text`` into ``path`` as the section for ``rows`` on ``engine``, keeping
+    everything else. A Citus section follows the PostgreSQL section of the same size."""
+    tag = f"rows={rows}" + (" engine=citus" if engine == "citus" else "")
+    block = f"<!-- bench {tag} -->\n{text.rstrip()}\n<!-- /bench {tag} -->\n"
     current = path.read_text() if path.exists() else HEADER
-    sections = {int(m.group(1)): m for m in _SECTION.finditer(current)}
-    if rows in sections:
-        match = sections[rows]
+    sections = {(int(m.group(1)), bool(m.group(2))): m for m in _SECTION.finditer(current)}
+    key = (rows, engine == "citus")
+    if key in sections:
+        match = sections[key]
         updated = current[: match.start()] + block + current[match.end() :]
     else:
-        later = [m for size, m in sorted(sections.items()) if size > rows]
+        later = [m for size, m in sorted(sections.items()) if size > key]
         at = later[0].start() if later else len(current)
         prefix = current[:at]
         if prefix and not prefix.endswith("\n\n"):

@@ -44,6 +44,8 @@ class PhaseResult:
     dropped: int = 0
     stage: str = ""
     """For open-loop phases: the state of the database they ran in."""
+    coordinator_cpu: float | None = None
+    """On Citus: the coordinator's part of ``database_cpu``."""
 
     @property
     def ops_per_second(self) -> float:
@@ -85,6 +87,8 @@ class RunResult:
     seed_seconds: float
     machine: dict[str, str]
     size_after_seed: SizeStats
+    engine: str = "postgres"
+    """"postgres", or "citus" (a coordinator and its workers)."""
     size_after_run: SizeStats | None = None
     index_hit_rate: float | None = None
     progress_index_hit_rate: float | None = None

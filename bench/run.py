@@ -122,7 +122,7 @@ async def _profile(runner: PhaseRunner, service: ServiceProcess, workdir: Path,
 async def run(settings: Settings) -> RunResult:
     """Performs the whole run and returns what it measured."""
     load_before = machine.load_average()
-    async with postgres.fresh_database() as database:
+    async with postgres.fresh_database(settings.engine) as database:
         log.info("database ready (%s); seeding %d rows", database.origin, settings.rows)
         connection = await asyncpg.connect(database.url)
         workdir = Path(tempfile.mkdtemp(prefix="lesson-progress-bench-run-"))
@@ -141,6 +141,7 @@ async def run(settings: Settings) -> RunResult:
                 seed_seconds=seeded.seconds,
                 machine=description,
                 size_after_seed=await postgres.size_stats(connection),
+                engine=database.engine,
             )
             if not seeded.replication_role_used:
                 result.notes.append("Seeded without superuser: foreign keys checked per row.")
@@ -160,7 +161,7 @@ async def run(settings: Settings) -> RunResult:
             try:
                 runner = PhaseRunner(
                     settings, generators, service, connection,
-                    DatabaseCpu(await postgres.postmaster(connection)), floor,
+                    DatabaseCpu(await postgres.postmasters(connection, database.url)), floor,
                 )  # fmt: skip
                 before = await postgres.table_stats(connection)
                 await _measure(runner, result)

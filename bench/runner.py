@@ -32,25 +32,46 @@ def _cpu_of(processes: list[psutil.Process]) -> dict[int, float]:
 
 
 class DatabaseCpu:
-    """CPU time of the PostgreSQL server processes (when PostgreSQL runs on this machine)."""
+    """CPU time of the PostgreSQL server processes (those running on this machine).
 
-    def __init__(self, postmaster: psutil.Process | None) -> None:
-        self.postmaster = postmaster
+    One PostgreSQL is one node; a Citus cluster has a node named "coordinator" and its
+    workers, so that the coordinator's share can be told apart.
+    """
 
-    def snapshot(self) -> dict[int, float] | None:
-        """CPU seconds per server process now."""
-        if self.postmaster is None:
+    def __init__(self, postmasters: dict[str, psutil.Process]) -> None:
+        self.postmasters = postmasters
+
+    def snapshot(self) -> dict[tuple[str, int], float] | None:
+        """CPU seconds per (node, server process) now."""
+        if not self.postmasters:
             return None
-        with contextlib.suppress(psutil.Error):
-            return _cpu_of([self.postmaster, *self.postmaster.children()])
-        return None
+        times: dict[tuple[str, int], float] = {}
+        for node, postmaster in self.postmasters.items():
+            with contextlib.suppress(psutil.Error):
+                processes = [postmaster, *postmaster.children()]
+                times.update(((node, pid), cpu) for pid, cpu in _cpu_of(processes).items())
+        return times or None
 
     @staticmethod
-    def delta(before: dict[int, float] | None, after: dict[int, float] | None) -> float | None:
-        """CPU seconds used between two snapshots (by processes alive at the second)."""
+    def delta(
+        before: dict[tuple[str, int], float] | None,
+        after: dict[tuple[str, int], float] | None,
+        node: str | None = None,
+    ) -> float | None:
+        """CPU seconds used between two snapshots (by processes alive at the second), by
+        every node or by ``node`` alone."""
         if before is None or after is None:
             return None
-        return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+        return sum(
+            seconds - before.get(key, 0.0)
+            for key, seconds in after.items()
+            if node is None or key[0] == node
+        )
+
+    @property
+    def coordinator(self) -> str | None:
+        """The coordinator's node name on a Citus cluster; None on one PostgreSQL."""
+        return "coordinator" if "coordinator" in self.postmasters else None
 
 
 @dataclass
@@ -167,6 +188,11 @@ class PhaseRunner:
                 cpu_after - cpu_before if backend in (Backend.SERVICE, Backend.FLOOR) else None
             ),
             database_cpu=DatabaseCpu.delta(db_before, db_after),
+            coordinator_cpu=(
+                None
+                if (coordinator := self.database_cpu.coordinator) is None
+                else DatabaseCpu.delta(db_before, db_after, coordinator)
+            ),
             client_cpu=sum(r.cpu_seconds for r in results),
             rss_min=rss.low,
             rss_max=rss.high,

@@ -8,6 +8,11 @@ first lessons in order, finishing all of them in 15% of enrollments. Quizzes car
 attempts and scores; other lessons are unscored. Every enrollment has its
 ``course_progress`` row with the JSONB list of its completed lessons.
 
+The same code seeds one PostgreSQL and a Citus coordinator: COPY into a distributed table
+goes through the coordinator to each row's shard, DROP/CREATE INDEX and VACUUM are
+propagated to the shards, and on Citus the workers are checkpointed too. (On Citus
+``session_replication_role`` stays on the coordinator, so the workers check foreign keys.)
+
 Rows are generated in primary-key order (learners by user_id, their courses by course_id,
 lessons by lesson_id), so the primary keys grow at their right edge; the secondary
 indexes are dropped during the load and rebuilt from their own definitions afterwards.
@@ -35,6 +40,7 @@ from bench.dataset import (
     Dataset,
     Enrollment,
 )
+from bench.postgres import is_citus
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +253,8 @@ async def seed(connection: asyncpg.Connection, rows: int, *, seed_value: int = 1
     await connection.execute("VACUUM (ANALYZE) courses, lessons, lesson_progress, course_progress")
     with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
         await connection.execute("CHECKPOINT")  # keep the load's writes out of the runs
+        if await is_citus(connection):  # the shards' writes went to the workers
+            await connection.execute("SELECT run_command_on_workers('CHECKPOINT')")
     dataset = Dataset(
         rows=rows,
         learners=generator.learners,

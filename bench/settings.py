@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_OUTPUT = Path("BENCHMARKS.md")
+ENGINES = ("postgres", "citus")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Settings:
     """Seed of the data generator and of the key choices."""
     workers: int = 1
     """The service's ``--workers`` (server processes on one port)."""
+    engine: str | None = None
+    """"postgres" or "citus"; None: whatever BENCH_DATABASE_URL names, else postgres."""
 
 
 def parse(argv: list[str] | None = None) -> Settings:
@@ -69,6 +72,13 @@ def parse(argv: list[str] | None = None) -> Settings:
         "--workers", type=int,
         help="the service's --workers (1); above 1 each client has a connection of its own",
     )  # fmt: skip
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="postgres: the embedded PostgreSQL; citus: a local 1-coordinator + 2-worker "
+        "Citus cluster from the installed binaries (default: what BENCH_DATABASE_URL names, "
+        "else postgres)",
+    )
     args = parser.parse_args(argv)
 
     base = (

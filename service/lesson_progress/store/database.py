@@ -166,7 +166,7 @@ class Database:
                     reset=_keep_session,
                 )
         except _UNAVAILABLE as exc:
-            raise errors.Unavailable(f"cannot connect to the database: {exc}") from None
+            raise errors.Unavailable(f"cannot connect to the database: {_reason(exc)}") from None
         return cls(pool, url, streams)
 
     async def close(self, within: float = CLOSE_TIMEOUT) -> None:
@@ -220,7 +220,7 @@ class Database:
             except asyncpg.PostgresError as exc:
                 raise _translate(exc) from None
             except _UNAVAILABLE as exc:
-                raise errors.Unavailable(f"the database is unavailable: {exc}") from None
+                raise errors.Unavailable(f"the database is unavailable: {_reason(exc)}") from None
         raise AssertionError("unreachable")
 
     async def _run_bounded(
@@ -292,7 +292,7 @@ class Database:
         except asyncpg.PostgresError as exc:
             raise _translate(exc) from None
         except _UNAVAILABLE as exc:
-            raise errors.Unavailable(f"the database is unavailable: {exc}") from None
+            raise errors.Unavailable(f"the database is unavailable: {_reason(exc)}") from None
 
 
 def atomically(connection: Connection) -> contextlib.AbstractAsyncContextManager[object]:
@@ -337,7 +337,7 @@ async def close_connection(connection: asyncpg.Connection[Record]) -> None:
 def _translate(exc: asyncpg.PostgresError) -> Exception:
     """The domain error for a PostgreSQL error that a request can legitimately cause."""
     if isinstance(exc, _UNAVAILABLE):
-        return errors.Unavailable(f"the database is unavailable: {exc}")
+        return errors.Unavailable(f"the database is unavailable: {_reason(exc)}")
     if isinstance(exc, asyncpg.LockNotAvailableError):
         return errors.LockTimeout("a row of the call stayed locked by another transaction")
     if isinstance(exc, asyncpg.QueryCanceledError):
@@ -351,3 +351,13 @@ def _translate(exc: asyncpg.PostgresError) -> Exception:
             reason="COUNTER_OVERFLOW",
         )
     return exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The text of a connection failure; a bare timeout (no pooled connection came free,
+    or no answer came in time) has none of its own."""
+    if text := str(exc):
+        return text
+    if isinstance(exc, TimeoutError):
+        return "no connection or answer within the time allowed"
+    return type(exc).__name__

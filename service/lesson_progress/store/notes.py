@@ -30,7 +30,7 @@ NOTE_COLUMNS = """
 # $2, so on Citus the whole statement runs on the course's worker.
 CREATE_NOTE = f"""
 WITH lesson AS (
-    SELECT FROM lessons
+    SELECT lesson_id FROM lessons
     WHERE course_id = $2::uuid AND lesson_id = $3::varchar AND position IS NOT NULL
 ),
 claimed AS (
@@ -41,7 +41,7 @@ claimed AS (
     RETURNING true
 ),
 proceed AS (
-    SELECT FROM lesson WHERE $5::uuid IS NULL OR EXISTS (SELECT FROM claimed)
+    SELECT lesson_id FROM lesson WHERE $5::uuid IS NULL OR EXISTS (SELECT FROM claimed)
 ),
 note AS (
     INSERT INTO lesson_notes AS n
