@@ -140,16 +140,17 @@ class RpcPolicy:
         self,
         stop: Callable[[], Coroutine[Any, Any, None]],
         *,
-        quiet: float = 0.05,
-        at_most: float = 0.5,
+        quiet: float = 0.25,
+        at_most: float = 0.75,
     ) -> None:
         """After ``drain``: stops gRPC (``stop``) and ends every call still in a handler
         with UNAVAILABLE (SHUTTING_DOWN), so that gRPC has no call left to cancel.
 
         gRPC answers CANCELLED, which callers do not retry, to the calls it has received
         but not yet handed to a handler when it stops, and to those still in a handler
-        when its own grace ends. So until no call has arrived for ``quiet`` seconds (at
-        most ``at_most``) new calls wait in their handler instead of being refused at
+        when its own grace ends. So until no call has arrived for ``quiet`` seconds (longer
+        than the typed client's first back-off after a refusal, 0.1 to 0.2 s; at most
+        ``at_most``) new calls wait in their handler instead of being refused at
         once (their callers, waiting, send no more); then gRPC stops taking calls, and
         only then are all of them answered, as is any call gRPC still hands over.
         """

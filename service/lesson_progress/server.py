@@ -67,9 +67,9 @@ class StartupError(Exception):
 PAGE_TOKEN_KEY = "SELECT value FROM service_secrets WHERE name = 'page_token_key'"
 
 
-# Of the shutdown grace, what is kept for closing (RpcPolicy.close: at most 0.6 s) and
+# Of the shutdown grace, what is kept for closing (RpcPolicy.close: at most 1 s) and
 # gRPC's own stop (GRPC_STOP_GRACE).
-STOP_SLACK = 1.0
+STOP_SLACK = 1.5
 GRPC_STOP_GRACE = 0.25
 
 
