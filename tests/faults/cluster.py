@@ -18,12 +18,14 @@ import stat
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
 from lesson_progress.store.database import APPLICATION_NAME
 from tests.postgres import with_database
+from tests.support import free_port
 
 SUPERUSER = "postgres"
 COMMAND_TIMEOUT = 60.0  # seconds; initdb, start and stop are hang-guarded by this
@@ -154,3 +156,14 @@ class Cluster:
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired, OSError):
             self.stop("immediate")
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[Cluster]:
+    """A started cluster on a free port of 127.0.0.1, destroyed on exit."""
+    cluster = Cluster(free_port())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()

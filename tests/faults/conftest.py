@@ -9,21 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.cluster import Cluster
+from tests.faults.cluster import Cluster, running_cluster
 from tests.faults.support import create_database, drop_database, kill_9
-from tests.support import GENEROUS_TIME_BUDGET, free_port
+from tests.support import GENEROUS_TIME_BUDGET
 from tests.test_operations import Serve
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """The fault suite's own PostgreSQL on 127.0.0.1 (never the session's shared one)."""
-    cluster = Cluster(free_port())
-    try:
-        cluster.start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 
 from lesson_progress.auth import hash_token
 from lesson_progress_client import Lesson, ProgressClient, ProgressError, RetryPolicy
-from tests.faults.cluster import Cluster
+from tests.faults.cluster import Cluster, running_cluster
 from tests.image.engine import Engine, NoEngine, find_engine
 from tests.postgres import create_database, fresh_database_name
 from tests.support import PROJECT_ROOT, free_port
@@ -51,12 +51,8 @@ def image(engine: Engine) -> str:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    cluster = Cluster(free_port())
-    try:
-        cluster.start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 @pytest.fixture
