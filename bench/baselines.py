@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import asyncpg
 
 from bench.backends import Call, Outcome, Window, unsupported
@@ -185,12 +187,12 @@ SET time_spent_seconds = time_spent_seconds + $4, last_accessed_at = NOW()
 NAIVE_INSERT_ATTEMPT = """
 INSERT INTO lesson_progress
     (user_id, course_id, lesson_id, attempts, score, completed, completed_at)
-VALUES ($1, $2, $3, 1, $4, $5, CASE WHEN $5 THEN NOW() END) RETURNING *
+VALUES ($1, $2, $3, 1, $4, $5, $6) RETURNING *
 """
 NAIVE_ATTEMPT = f"""
 UPDATE lesson_progress
 SET attempts = attempts + 1, score = GREATEST(score, $4), completed = completed OR $5,
-    completed_at = COALESCE(completed_at, CASE WHEN $5 THEN NOW() END),
+    completed_at = COALESCE(completed_at, $6),
     last_accessed_at = NOW()
 {_WHERE} RETURNING *
 """
@@ -269,8 +271,17 @@ class NaiveBackend(_Connections):
     async def _attempt(self, slot: int, item: object, window: Window) -> Outcome:
         assert isinstance(item, Scored)
         connection = self.connections[slot]
+        # The completion time comes from the client: Citus refuses NOW() inside CASE or
+        # COALESCE in a distributed UPDATE, and the seed's flow is measured on both engines.
+        completed_at = datetime.now(UTC) if item.passes else None
         old = await self._upsert(
-            connection, item.key, NAIVE_INSERT_ATTEMPT, NAIVE_ATTEMPT, item.score, item.passes
+            connection,
+            item.key,
+            NAIVE_INSERT_ATTEMPT,
+            NAIVE_ATTEMPT,
+            item.score,
+            item.passes,
+            completed_at,
         )
         if item.passes and (old is None or not old["completed"]):
             await self._sync_course(connection, item.key)

@@ -170,6 +170,35 @@ async def test_replay_is_counted_once_and_consumes_no_budget(
     assert response.distinct_lessons[0].time_spent_seconds == 650
 
 
+async def test_one_batch_of_several_learners_applies_the_rule_to_each(
+    progress: progress_service_pb2_grpc.ProgressServiceStub, make_course: object
+) -> None:
+    course = await make_course(2)  # type: ignore[operator]
+    honest, greedy, replaying = new_id(), new_id(), new_id()
+    t = int(time.time()) - 2 * 3600
+    earlier = beat(replaying, course, "l1", 40, request_id=new_id(), occurred_at=at(t))
+    assert (await progress.RecordTime(earlier)).credited_seconds == 40
+    # Interleaved: three disjoint heartbeats of one learner (each in full), three of 300 s
+    # at one moment of another ([t - 600, t) holds 600 s: 300, 300, then nothing), and a
+    # replay of the third learner's earlier call next to a new heartbeat of theirs.
+    entries = [
+        beat(honest, course, "l1", 30, occurred_at=at(t + 30)),
+        beat(greedy, course, "l2", 300, occurred_at=at(t)),
+        earlier,
+        beat(honest, course, "l2", 30, occurred_at=at(t + 60)),
+        beat(greedy, course, "l2", 300, occurred_at=at(t)),
+        beat(replaying, course, "l1", 20, occurred_at=at(t + 20)),
+        beat(honest, course, "l1", 30, occurred_at=at(t + 90)),
+        beat(greedy, course, "l2", 300, occurred_at=at(t)),
+    ]
+    response = await progress.BatchRecordTime(pb.BatchRecordTimeRequest(requests=entries))
+    credits = [r.credited_seconds for r in response.entry_results]
+    assert credits == [30, 300, 40, 30, 300, 20, 30, 0]
+    assert await stored(progress, honest, course) == 90
+    assert await stored(progress, greedy, course) == 600
+    assert await stored(progress, replaying, course) == 60
+
+
 async def test_heartbeats_faster_than_time_get_what_passed(
     progress: progress_service_pb2_grpc.ProgressServiceStub, make_course: object
 ) -> None:
