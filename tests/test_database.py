@@ -94,3 +94,32 @@ async def test_retention_forgets_request_ids_so_a_late_retry_counts_again(
     )
     response = await progress.RecordTime(request)  # forgotten: applied again
     assert response.lesson.time_spent_seconds == 20
+
+
+async def test_new_connections_do_not_introspect_built_in_types_again(database_url: str) -> None:
+    database = await Database.connect(database_url, pool_size=4)
+    try:
+        introspections: list[str] = []
+
+        def watch(record: object) -> None:
+            query = getattr(record, "query", "")
+            if "typeinfo_tree" in query:
+                introspections.append(query)
+
+        # Every connection of the pool at once, so that most are new ones.
+        async def use(connection) -> None:
+            connection.add_query_logger(watch)
+            await asyncio.sleep(0.05)  # hold it, so that the others take other connections
+            rows = await connection.fetch(
+                "SELECT $1::uuid[] AS ids, $2::varchar[] AS lessons, $3::timestamptz[] AS at",
+                [uuid.uuid4()],
+                ["l1"],
+                [None],
+            )
+            assert rows[0]["lessons"] == ["l1"]
+
+        await asyncio.gather(*(database.run(use) for _ in range(4)))
+        assert database.stats().size == 4
+        assert introspections == []
+    finally:
+        await database.close()

@@ -21,6 +21,7 @@ from typing import TypeAlias, TypeVar
 import asyncpg
 
 from lesson_progress import errors
+from lesson_progress.store import type_cache
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,10 @@ class Database:
                 max_size=pool_size,
                 server_settings=settings,
                 reset=_keep_session,
+                connection_class=type_cache.Connection,
             )
+            # Built-in types introspected once for the process, before any call needs them.
+            await pool.fetchrow(type_cache.WARM_UP)
             streams = None
             if stream_connections:
                 streams = await asyncpg.create_pool(
@@ -164,6 +168,7 @@ class Database:
                     max_size=stream_connections,
                     server_settings=settings,
                     reset=_keep_session,
+                    connection_class=type_cache.Connection,
                 )
         except _UNAVAILABLE as exc:
             raise errors.Unavailable(f"cannot connect to the database: {_reason(exc)}") from None
