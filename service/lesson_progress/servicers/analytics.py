@@ -24,8 +24,12 @@ MAX_PREFETCH = 10_000
 # CPU; a chunk stays well under gRPC's default 4 MiB receive limit.
 MAX_LEARNERS_PER_MESSAGE = 500
 MAX_MESSAGE_BYTES = 1 << 20
-# Bytes a repeated entry adds beyond the learner itself: its tag and length prefix.
-_ENTRY_OVERHEAD = 6
+
+
+def _entry_bytes(learner_bytes: int) -> int:
+    """What one learner adds to a response: its tag (1 byte), its length as a varint, and
+    the learner itself; the sum over a chunk is the chunk's exact serialized size."""
+    return 1 + max(1, (learner_bytes.bit_length() + 6) // 7) + learner_bytes
 
 
 class AnalyticsServicer:
@@ -70,7 +74,7 @@ class AnalyticsServicer:
         size = 0
         async for row in self.store.course_learners(course_id, prefetch):
             learner = convert.course_progress(row["user_id"], course_id, row)
-            entry = learner.ByteSize() + _ENTRY_OVERHEAD
+            entry = _entry_bytes(learner.ByteSize())
             if chunk and (
                 len(chunk) >= MAX_LEARNERS_PER_MESSAGE or size + entry > MAX_MESSAGE_BYTES
             ):
