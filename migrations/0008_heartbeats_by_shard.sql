@@ -4,7 +4,7 @@
 -- on the entries' keys alone. One PostgreSQL answers such a join with index lookups; Citus
 -- cannot tell from it which shards hold the rows, so each statement ran on all 32 shards
 -- of each table, and the outer join of the replay check copied both workers' whole
--- processed_requests shards to the coordinator: about 200 remote commands for one
+-- processed_requests shards to the coordinator: 146 remote commands for one
 -- heartbeat (citus.log_remote_commands), seconds per call under concurrent heartbeats.
 -- This version states in each statement which courses it concerns
 -- (`course_id = ANY (p_course_ids)`), so Citus sends it to those courses' shards only, and
