@@ -21,7 +21,12 @@ from bench.operations import Op
 from lesson_progress import values
 from lesson_progress.store.analytics import COURSE_LEARNERS, LESSON_STATS
 from lesson_progress.store.checks import COURSE_EXISTS, GET_LESSON_PROGRESS, LOOKUP_LESSON
-from lesson_progress.store.heartbeats import HEARTBEATS, statement_arguments
+from lesson_progress.store.heartbeats import (
+    HEARTBEAT,
+    HEARTBEATS,
+    heartbeat_arguments,
+    statement_arguments,
+)
 from lesson_progress.store.progress import (
     COMPLETE_LESSON,
     GET_COURSE_PROGRESS,
@@ -94,7 +99,9 @@ class RawBackend(_Connections):
 
     async def _record_time(self, slot: int, item: object, window: Window) -> Outcome:
         assert isinstance(item, Heartbeat)
-        await self.connections[slot].fetch(HEARTBEATS, *_arguments([item], False))
+        key = item.key
+        beat = values.Heartbeat(key.user_id, key.course_id, key.lesson_id, item.seconds)
+        await self.connections[slot].fetch(HEARTBEAT, *heartbeat_arguments(beat, 300))
         return 1, True
 
     async def _batch(self, slot: int, item: object, window: Window) -> Outcome:

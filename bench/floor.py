@@ -22,7 +22,7 @@ from lesson_progress import convert, values
 from lesson_progress.config import Config
 from lesson_progress.store.checks import GET_LESSON_PROGRESS
 from lesson_progress.store.database import Database
-from lesson_progress.store.heartbeats import HEARTBEATS, statement_arguments
+from lesson_progress.store.heartbeats import HEARTBEAT, heartbeat_arguments
 from lesson_progress.store.progress import GET_COURSE_PROGRESS
 from lessonprogress.v1 import progress_service_pb2 as pb
 from lessonprogress.v1 import progress_service_pb2_grpc
@@ -47,7 +47,7 @@ class FloorServicer(progress_service_pb2_grpc.ProgressServiceServicer):
             request.user_id, request.course_id, request.lesson_id, request.seconds
         )
         async with self.database.acquire() as connection:
-            row = await connection.fetchrow(HEARTBEATS, *statement_arguments([beat], 300, False))
+            row = await connection.fetchrow(HEARTBEAT, *heartbeat_arguments(beat, 300))
         assert row is not None
         return pb.RecordTimeResponse(
             lesson=convert.lesson_progress(row), credited_seconds=row["credited_seconds"]

@@ -6,7 +6,7 @@ Seeds a fresh database as ``./dev bench`` does, then, for the largest course:
 
 1. the live statement (StreamLessonStats before the summary) and a recomputation;
 2. a request served from the summary (the store's read, no gRPC), many times;
-3. heartbeats per second (the service's HEARTBEATS statement, raw asyncpg, 16
+3. heartbeats per second (the service's HEARTBEAT statement, raw asyncpg, 16
    connections) with no recomputation running, and with recomputations of the largest
    course back to back: the worst case. At the default policy a watched course is
    recomputed once per ``refresh_after`` seconds, so the cost there is the worst case
@@ -29,7 +29,7 @@ from bench import postgres, seed
 from bench.keys import Heartbeat, Planner
 from bench.operations import Op
 from lesson_progress.store.database import Database
-from lesson_progress.store.heartbeats import HEARTBEATS, statement_arguments
+from lesson_progress.store.heartbeats import HEARTBEAT, heartbeat_arguments
 from lesson_progress.store.lesson_stats import LESSON_STATS, LessonStatsSummaries, SummaryPolicy
 from lesson_progress.values import Heartbeat as Beat
 
@@ -56,7 +56,7 @@ async def _heartbeats(url: str, beats: list[Heartbeat], seconds: float) -> float
             position += WRITERS
             key = beat.key
             one = Beat(key.user_id, key.course_id, key.lesson_id, beat.seconds)
-            await connections[index].fetchrow(HEARTBEATS, *statement_arguments([one], 300, False))
+            await connections[index].fetchrow(HEARTBEAT, *heartbeat_arguments(one, 300))
             done += 1
 
     try:

@@ -5,14 +5,17 @@ database (``BENCH_DATABASE_URL``, else an embedded PostgreSQL), registers 20 cou
 lessons, then alternates phases of the two statements (before, after, before, after, ...)
 so that the shared machine's drift hits both alike:
 
+* lone heartbeats: statements of one heartbeat (a new learner, 30 s, with a request id),
+  4 connections in closed loop: RecordTime while a statement slot is free;
 * merged heartbeats: statements of 100 independent heartbeats (100 learners, 30 s each,
   with request ids), 4 connections in closed loop;
 * batches: BatchRecordTime statements of 500 entries of one learner (an offline sync:
   30 s heartbeats 30 s apart, with request ids), 2 connections in closed loop.
 
 "Before" is the heartbeat statement of the store at git revision ``REV`` (default: the
-commit before migration 0007; the migrated schema still runs it). Prints heartbeats per
-second per phase and the after/before ratio of the sums.
+commit before migration 0007; the migrated schema still runs it, once the single-heartbeat
+function of that revision, dropped by 0008, is created again from its migration). Prints
+heartbeats per second per phase and the after/before ratio of the sums.
 """
 
 from __future__ import annotations
@@ -37,26 +40,36 @@ COURSES = 20
 LESSONS = 20
 
 
+def _at(revision: str, path: str) -> str:
+    """The text of the repository's file ``path`` at git revision ``revision``."""
+    return subprocess.run(
+        ["git", "show", f"{revision}:{path}"], check=True, capture_output=True, text=True
+    ).stdout
+
+
 def _before_module(revision: str) -> ModuleType:
     """The heartbeats module as it was at ``revision`` (its SQL constants only are used)."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:service/lesson_progress/store/heartbeats.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    source = _at(revision, "service/lesson_progress/store/heartbeats.py")
     module = ModuleType("heartbeats_before")
     sys.modules[module.__name__] = module  # for its dataclasses
     exec(compile(source, "heartbeats_before.py", "exec"), module.__dict__)
     return module
 
 
-def _merged(courses: list[str]) -> list[values.Heartbeat]:
+def _old_lone_function(revision: str) -> str:
+    """The CREATE FUNCTION of the single-heartbeat function at ``revision``."""
+    source = _at(revision, "migrations/0004_write_functions.sql")
+    start = source.index("CREATE FUNCTION lp_record_time(")
+    return source[start : source.index("$$;", start) + 3]
+
+
+def _independent(courses: list[str], count: int) -> list[values.Heartbeat]:
+    """Heartbeats of ``count`` new learners, 30 s each, stamped now."""
     return [
         values.Heartbeat(
             str(uuid.uuid4()), courses[i % COURSES], f"l{i % LESSONS + 1}", 30, str(uuid.uuid4())
         )
-        for i in range(100)
+        for i in range(count)
     ]
 
 
@@ -77,6 +90,11 @@ def _batch(courses: list[str]) -> list[values.Heartbeat]:
 
 
 def _arguments(old: ModuleType | None, beats: list[values.Heartbeat], batch: bool) -> tuple:
+    if len(beats) == 1:
+        (h,) = beats
+        if old is None:
+            return (heartbeats.HEARTBEAT, *heartbeats.heartbeat_arguments(h, 300))
+        return (old.RECORD_TIME, h.user_id, h.course_id, h.lesson_id, h.seconds, h.request_id)
     if old is None:
         return (heartbeats.HEARTBEATS, *heartbeats.statement_arguments(beats, 300, batch))
     statement = old.BATCH_RECORD_TIME if batch else old.INDEPENDENT_HEARTBEATS
@@ -91,9 +109,11 @@ def _arguments(old: ModuleType | None, beats: list[values.Heartbeat], batch: boo
 
 
 async def _phase(
-    url: str, courses: list[str], old: ModuleType | None, batch: bool, seconds: float
+    url: str, courses: list[str], old: ModuleType | None, size: int, seconds: float
 ) -> float:
-    """Heartbeats per second of one phase."""
+    """Heartbeats per second of one phase of statements of ``size`` heartbeats (500: a
+    BatchRecordTime offline sync)."""
+    batch = size == 500
     workers = 2 if batch else 4
     connections = [await asyncpg.connect(url) for _ in range(workers)]
     done = 0
@@ -102,7 +122,7 @@ async def _phase(
     async def worker(connection: asyncpg.Connection) -> None:
         nonlocal done
         while time.monotonic() < end:
-            beats = _batch(courses) if batch else _merged(courses)
+            beats = _batch(courses) if batch else _independent(courses, size)
             statement, *arguments = _arguments(old, beats, batch)
             async with connection.transaction():
                 await connection.fetch(statement, *arguments)
@@ -130,14 +150,19 @@ async def main(rounds: int, seconds: float, revision: str) -> None:
                 "INSERT INTO lessons (course_id, lesson_id, position) VALUES ($1, $2, $3)",
                 [(course, f"l{i + 1}", i) for i in range(LESSONS)],
             )
+        await connection.execute(_old_lone_function(revision))
         await connection.close()
         print(f"database: {provisioned.origin}")
-        for batch in (False, True):
-            name = "batches of 500" if batch else "merged heartbeats (100 per statement)"
+        shapes = {
+            1: "lone heartbeats",
+            100: "merged heartbeats (100 per statement)",
+            500: "batches of 500",
+        }
+        for size, name in shapes.items():
             sums = {"before": 0.0, "after": 0.0}
             for round_ in range(rounds):
                 for label, module in (("before", old), ("after", None)):
-                    rate = await _phase(provisioned.url, courses, module, batch, seconds)
+                    rate = await _phase(provisioned.url, courses, module, size, seconds)
                     sums[label] += rate
                     print(f"{name}, round {round_ + 1}, {label}: {rate:,.0f} heartbeats/s")
             print(f"{name}: after/before = {sums['after'] / sums['before']:.2f}")

@@ -25,20 +25,32 @@ from lesson_progress.values import Heartbeat
 
 H = TypeVar("H")
 
-# Heartbeats as parallel arrays, in one call of the function of migration 0007: outline and
-# request-id checks, the time budget (learner clocks locked in user_id order), the claims,
-# then the lesson rows upserted with the credited seconds (summed per lesson, in key order,
-# so concurrent calls cannot deadlock). One row per entry, in order: `missing` (lesson
-# outside its outline), `reused_*` (where a request id of another call was first used),
-# `credited_seconds`, `applied` (false: a replay), and the lesson row (NULL fields when
-# none). $9: all-or-nothing (BatchRecordTime) or independent entries (heartbeats merged by
-# ``record_time``).
-HEARTBEATS = """
+# Heartbeats as parallel arrays, in one call of the function of migrations 0007-0009: outline
+# and request-id checks, the time budget (learner clocks locked in user_id order), the
+# claims, then the lesson rows upserted with the credited seconds (summed per lesson, in key
+# order, so concurrent calls cannot deadlock). One row per entry, in order: `missing`
+# (lesson outside its outline), `reused_*` (where a request id of another call was first
+# used), `credited_seconds`, `applied` (false: a replay), and the lesson row (NULL fields
+# when none). $9: all-or-nothing (BatchRecordTime) or independent entries (heartbeats merged
+# by ``record_time``).
+_ROW = """
 SELECT idx, missing, reused_method, reused_course_id, reused_lesson_id, credited_seconds,
        applied, (progress).*
-FROM lp_record_heartbeats($1::uuid[], $2::uuid[], $3::varchar[], $4::integer[], $5::uuid[],
-                          $6::timestamptz[], $7::integer, $8::integer, $9::boolean)
 """
+HEARTBEATS = (
+    _ROW
+    + """FROM lp_record_heartbeats($1::uuid[], $2::uuid[], $3::varchar[], $4::integer[],
+                          $5::uuid[], $6::timestamptz[], $7::integer, $8::integer, $9::boolean)
+"""
+)
+# One heartbeat, the same rule and row shape in fewer statements (migration 0009): a
+# RecordTime call that finds a statement slot free.
+HEARTBEAT = (
+    _ROW
+    + """FROM lp_record_heartbeat($1::uuid, $2::uuid, $3::varchar, $4::integer, $5::uuid,
+                         $6::timestamptz, $7::integer, $8::integer)
+"""
+)
 
 #: How far back an entry's occurred_at may go (seconds), and so how long a learner's clock
 #: keeps the time it credited.
@@ -54,11 +66,39 @@ def _reuse(field: str, row: Record) -> errors.RequestIdUse:
     )
 
 
+async def _outcome(
+    connection: Connection, heartbeat: Heartbeat, row: Record
+) -> Record | errors.ServiceError:
+    """What a heartbeat statement's row means for the caller of an independent heartbeat:
+    the lesson row, or the error a call of its own would get."""
+    if row["missing"]:
+        try:
+            await ensure_lesson(connection, heartbeat.course_id, heartbeat.lesson_id)
+        except errors.NotFound as exc:
+            return exc
+        return errors.Aborted("the outline changed; retry the call")
+    if row["reused_method"] is not None:
+        return errors.InvalidArgument.request_id_reused([_reuse("request_id", row)])
+    if row["user_id"] is None:  # a replay whose row was deleted meanwhile
+        return errors.NotFound("the lesson progress no longer exists")
+    return row
+
+
 def statement_arguments(
     heartbeats: list[Heartbeat], allowance_seconds: int, all_or_nothing: bool
 ) -> tuple[object, ...]:
     """The arguments of ``HEARTBEATS`` for these heartbeats."""
     return (*_columns(heartbeats), allowance_seconds, OCCURRED_AT_RETENTION, all_or_nothing)
+
+
+def heartbeat_arguments(heartbeat: Heartbeat, allowance_seconds: int) -> tuple[object, ...]:
+    """The arguments of ``HEARTBEAT`` for this heartbeat."""
+    h = heartbeat
+    return (
+        *(h.user_id, h.course_id, h.lesson_id, h.seconds, h.request_id, h.occurred_at),
+        allowance_seconds,
+        OCCURRED_AT_RETENTION,
+    )
 
 
 def _columns(heartbeats: list[Heartbeat]) -> tuple[list[object], ...]:
@@ -244,7 +284,15 @@ class HeartbeatStore:
 
     async def _write_one(self, h: Heartbeat) -> Record:
         """One heartbeat in a statement of its own; its row, or its error raised."""
-        outcome = (await self._write_many([h]))[0]
+
+        async def work(connection: Connection) -> Record | errors.ServiceError:
+            row = await connection.fetchrow(
+                HEARTBEAT, *heartbeat_arguments(h, self.allowance_seconds)
+            )
+            assert row is not None  # one row per heartbeat
+            return await _outcome(connection, h, row)
+
+        outcome = await self.database.run(work, lock_timeout=LOCK_WAIT)
         if isinstance(outcome, errors.ServiceError):
             raise outcome
         return outcome
@@ -257,23 +305,10 @@ class HeartbeatStore:
 
         async def work(connection: Connection) -> list[Record | errors.ServiceError]:
             rows = await connection.fetch(HEARTBEATS, *self._arguments(heartbeats, False))
-            outcomes: list[Record | errors.ServiceError] = []
-            for heartbeat, row in zip(heartbeats, rows, strict=True):
-                if row["missing"]:
-                    try:
-                        await ensure_lesson(connection, heartbeat.course_id, heartbeat.lesson_id)
-                        outcomes.append(errors.Aborted("the outline changed; retry the call"))
-                    except errors.NotFound as exc:
-                        outcomes.append(exc)
-                elif row["reused_method"] is not None:
-                    outcomes.append(
-                        errors.InvalidArgument.request_id_reused([_reuse("request_id", row)])
-                    )
-                elif row["user_id"] is None:  # a replay whose row was deleted meanwhile
-                    outcomes.append(errors.NotFound("the lesson progress no longer exists"))
-                else:
-                    outcomes.append(row)
-            return outcomes
+            return [
+                await _outcome(connection, heartbeat, row)
+                for heartbeat, row in zip(heartbeats, rows, strict=True)
+            ]
 
         return await self.database.run(work, lock_timeout=LOCK_WAIT)
 
