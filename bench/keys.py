@@ -124,7 +124,7 @@ class Planner:
         """The parameters of ``op``, in the order the clients take them."""
         people = self.enrollments
         match op:
-            case Op.RECORD_TIME | Op.RECORD_TIME_BATCHING:
+            case Op.RECORD_TIME | Op.RECORD_TIME_MANY | Op.RECORD_TIME_BATCHING:
                 return [self.heartbeat(e) for e in people]
             case Op.BATCH_RECORD_TIME:
                 return [self.batch(batch_size) for _ in range(BATCHES_PER_PLAN)]

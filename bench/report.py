@@ -209,7 +209,8 @@ def _dataset(result: RunResult, settings: Settings) -> str:
         f"(largest course {largest:,} rows, median course {data.median_course_rows:,}); "
         f"seeded with COPY in {result.seed_seconds:.1f} s.\n\n"
         f"Load: {settings.concurrency} concurrent clients ({settings.batch_concurrency} for "
-        f"BatchRecordTime, {settings.batch_size} heartbeats each; 1 for the largest-course "
+        f"BatchRecordTime, {settings.batch_size} heartbeats each; {settings.many_concurrency} "
+        f"for the batching client and its unary counterpart; 1 for the largest-course "
         f"streams) over {settings.clients} load-generator processes; {settings.duration:g} s "
         f"measured after {settings.warmup:g} s of warm-up per phase."
         + (

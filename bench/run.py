@@ -30,6 +30,7 @@ log = logging.getLogger("bench")
 
 WRITES = (
     Op.RECORD_TIME,
+    Op.RECORD_TIME_MANY,
     Op.RECORD_TIME_BATCHING,
     Op.BATCH_RECORD_TIME,
     Op.START_LESSON,

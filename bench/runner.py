@@ -118,6 +118,8 @@ class PhaseRunner:
         match SPECS[op].concurrency:
             case Concurrency.DEFAULT:
                 return self.settings.concurrency
+            case Concurrency.MANY:
+                return self.settings.many_concurrency
             case Concurrency.BATCH:
                 return self.settings.batch_concurrency
         return 1

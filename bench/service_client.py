@@ -33,7 +33,7 @@ def _record_time(beat: Heartbeat) -> pb.RecordTimeRequest:
 def _request(op: Op, params: Params) -> object:
     """The request message of ``op`` for ``params``."""
     match op, params:
-        case Op.RECORD_TIME | Op.RECORD_TIME_BATCHING, Heartbeat():
+        case Op.RECORD_TIME | Op.RECORD_TIME_MANY | Op.RECORD_TIME_BATCHING, Heartbeat():
             return _record_time(params)
         case Op.BATCH_RECORD_TIME, tuple():
             return pb.BatchRecordTimeRequest(requests=[_record_time(b) for b in params])
@@ -88,6 +88,7 @@ class ServiceBackend:
         analytics = [analytics_service_pb2_grpc.AnalyticsServiceStub(c) for c in self._channels]
         self._unary = {
             Op.RECORD_TIME: [p.RecordTime for p in progress],
+            Op.RECORD_TIME_MANY: [p.RecordTime for p in progress],
             Op.START_LESSON: [p.StartLesson for p in progress],
             Op.RECORD_ATTEMPT: [p.RecordAttempt for p in progress],
             Op.COMPLETE_LESSON: [p.CompleteLesson for p in progress],

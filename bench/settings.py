@@ -22,6 +22,9 @@ class Settings:
     """Unmeasured seconds of load before each phase's window."""
     concurrency: int = 16
     """Concurrent clients for unary operations (all backends alike)."""
+    many_concurrency: int = 256
+    """Concurrent heartbeat callers for the batching client and the unary RecordTime it
+    is compared with (an application server relaying many learners)."""
     batch_concurrency: int = 4
     """Concurrent clients for BatchRecordTime (the reference figure's 4)."""
     batch_size: int = 500
@@ -55,6 +58,11 @@ def parse(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--duration", type=float, help="measured seconds per phase (10)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per phase (1)")
     parser.add_argument("--concurrency", type=int, help="concurrent clients (16)")
+    parser.add_argument(
+        "--many-concurrency",
+        type=int,
+        help="heartbeat callers of the batching-client phase and its unary counterpart (256)",
+    )
     parser.add_argument("--batch-concurrency", type=int, help="BatchRecordTime clients (4)")
     parser.add_argument("--batch-size", type=int, help="heartbeats per batch (500)")
     parser.add_argument("--clients", type=int, help="load generator processes (2)")
@@ -95,8 +103,8 @@ def parse(argv: list[str] | None = None) -> Settings:
     settings = Settings(**{**base.__dict__, **chosen, "profile": args.profile or base.profile})
     problems = [
         f"--{name.replace('_', '-')} must be positive"
-        for name in ("rows", "duration", "concurrency", "batch_concurrency", "batch_size",
-                     "clients", "workers")
+        for name in ("rows", "duration", "concurrency", "many_concurrency",
+                     "batch_concurrency", "batch_size", "clients", "workers")
         if getattr(settings, name) <= 0
     ]  # fmt: skip
     if settings.batch_size > 1000:
