@@ -5,12 +5,17 @@ database (``BENCH_DATABASE_URL``, else an embedded PostgreSQL), registers 20 cou
 lessons, then alternates phases of the two statements (before, after, before, after, ...)
 so that the shared machine's drift hits both alike:
 
-* lone heartbeats: statements of one heartbeat (a new learner, 30 s, with a request id),
-  4 connections in closed loop: RecordTime while a statement slot is free;
+* lone heartbeats: statements of one heartbeat (30 s, with a request id), 4 connections in
+  closed loop: RecordTime while a statement slot is free;
 * merged heartbeats: statements of 100 independent heartbeats (100 learners, 30 s each,
-  with request ids), 4 connections in closed loop;
-* batches: BatchRecordTime statements of 500 entries of one learner (an offline sync:
+  with request ids), 4 connections in closed loop: RecordTime calls merged under load;
+* batches: BatchRecordTime statements of 500 entries of one new learner (an offline sync:
   30 s heartbeats 30 s apart, with request ids), 2 connections in closed loop.
+
+Lone and merged heartbeats come from new learners (each heartbeat creates its learner's
+clock row: the worst case) and from returning learners (2,000 per connection, each
+heartbeat stamped 30 s after the same learner's previous one, so their clock rows exist and
+their time never overlaps: the steady state of learners who keep watching).
 
 "Before" is the heartbeat statement of the store at git revision ``REV`` (default: the
 commit before migration 0007; the migrated schema still runs it, once the single-heartbeat
@@ -26,6 +31,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import ModuleType
 
@@ -63,17 +70,61 @@ def _old_lone_function(revision: str) -> str:
     return source[start : source.index("$$;", start) + 3]
 
 
-def _independent(courses: list[str], count: int) -> list[values.Heartbeat]:
-    """Heartbeats of ``count`` new learners, 30 s each, stamped now."""
-    return [
-        values.Heartbeat(
-            str(uuid.uuid4()), courses[i % COURSES], f"l{i % LESSONS + 1}", 30, str(uuid.uuid4())
-        )
-        for i in range(count)
-    ]
+Beats = Callable[[], list[values.Heartbeat]]
 
 
-def _batch(courses: list[str]) -> list[values.Heartbeat]:
+def _new_learners(courses: list[str], count: int) -> Beats:
+    """Statements of ``count`` heartbeats of new learners, 30 s each, stamped now."""
+
+    def take() -> list[values.Heartbeat]:
+        return [
+            values.Heartbeat(
+                str(uuid.uuid4()),
+                courses[i % COURSES],
+                f"l{i % LESSONS + 1}",
+                30,
+                str(uuid.uuid4()),
+            )
+            for i in range(count)
+        ]
+
+    return take
+
+
+@dataclass
+class _ReturningLearners:
+    """Statements of ``count`` heartbeats of 2,000 learners taken in turn, each stamped 30 s
+    after the same learner's previous one (starting six days back, within the retention)."""
+
+    courses: list[str]
+    count: int
+    learners: list[str] = field(default_factory=lambda: [str(uuid.uuid4()) for _ in range(2000)])
+    at: datetime = field(default_factory=lambda: datetime.now(UTC) - timedelta(days=6))
+    position: int = 0
+
+    def __call__(self) -> list[values.Heartbeat]:
+        beats = []
+        for _ in range(self.count):
+            if self.position == len(self.learners):
+                self.position = 0
+                self.at += timedelta(seconds=30)
+            i = self.position
+            self.position += 1
+            beats.append(
+                values.Heartbeat(
+                    self.learners[i],
+                    self.courses[i % COURSES],
+                    f"l{i % LESSONS + 1}",
+                    30,
+                    str(uuid.uuid4()),
+                    self.at,
+                )
+            )
+        return beats
+
+
+def _offline_sync(courses: list[str]) -> list[values.Heartbeat]:
+    """500 heartbeats of a new learner, 30 s apart, a day ago."""
     user = str(uuid.uuid4())
     start = datetime.now(UTC) - timedelta(days=1)
     return [
@@ -87,6 +138,24 @@ def _batch(courses: list[str]) -> list[values.Heartbeat]:
         )
         for i in range(500)
     ]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    name: str
+    connections: int
+    beats: Callable[[list[str]], Beats]
+    """Per connection, what its statements send."""
+    batch: bool = False
+
+
+SHAPES = (
+    _Shape("lone heartbeats, new learners", 4, lambda c: _new_learners(c, 1)),
+    _Shape("lone heartbeats, returning learners", 4, lambda c: _ReturningLearners(c, 1)),
+    _Shape("merged heartbeats (100), new learners", 4, lambda c: _new_learners(c, 100)),
+    _Shape("merged heartbeats (100), returning learners", 4, lambda c: _ReturningLearners(c, 100)),
+    _Shape("batches of 500 (offline sync)", 2, lambda c: lambda: _offline_sync(c), batch=True),
+)
 
 
 def _arguments(old: ModuleType | None, beats: list[values.Heartbeat], batch: bool) -> tuple:
@@ -109,28 +178,25 @@ def _arguments(old: ModuleType | None, beats: list[values.Heartbeat], batch: boo
 
 
 async def _phase(
-    url: str, courses: list[str], old: ModuleType | None, size: int, seconds: float
+    url: str, courses: list[str], old: ModuleType | None, shape: _Shape, seconds: float
 ) -> float:
-    """Heartbeats per second of one phase of statements of ``size`` heartbeats (500: a
-    BatchRecordTime offline sync)."""
-    batch = size == 500
-    workers = 2 if batch else 4
-    connections = [await asyncpg.connect(url) for _ in range(workers)]
+    """Heartbeats per second of one phase of ``shape``."""
+    connections = [await asyncpg.connect(url) for _ in range(shape.connections)]
     done = 0
     end = time.monotonic() + seconds
 
-    async def worker(connection: asyncpg.Connection) -> None:
+    async def worker(connection: asyncpg.Connection, beats: Beats) -> None:
         nonlocal done
         while time.monotonic() < end:
-            beats = _batch(courses) if batch else _independent(courses, size)
-            statement, *arguments = _arguments(old, beats, batch)
+            sent = beats()
+            statement, *arguments = _arguments(old, sent, shape.batch)
             async with connection.transaction():
                 await connection.fetch(statement, *arguments)
-            done += len(beats)
+            done += len(sent)
 
     started = time.monotonic()
     try:
-        await asyncio.gather(*(worker(c) for c in connections))
+        await asyncio.gather(*(worker(c, shape.beats(courses)) for c in connections))
     finally:
         for connection in connections:
             await connection.close()
@@ -153,19 +219,14 @@ async def main(rounds: int, seconds: float, revision: str) -> None:
         await connection.execute(_old_lone_function(revision))
         await connection.close()
         print(f"database: {provisioned.origin}")
-        shapes = {
-            1: "lone heartbeats",
-            100: "merged heartbeats (100 per statement)",
-            500: "batches of 500",
-        }
-        for size, name in shapes.items():
+        for shape in SHAPES:
             sums = {"before": 0.0, "after": 0.0}
             for round_ in range(rounds):
                 for label, module in (("before", old), ("after", None)):
-                    rate = await _phase(provisioned.url, courses, module, size, seconds)
+                    rate = await _phase(provisioned.url, courses, module, shape, seconds)
                     sums[label] += rate
-                    print(f"{name}, round {round_ + 1}, {label}: {rate:,.0f} heartbeats/s")
-            print(f"{name}: after/before = {sums['after'] / sums['before']:.2f}")
+                    print(f"{shape.name}, round {round_ + 1}, {label}: {rate:,.0f} heartbeats/s")
+            print(f"{shape.name}: after/before = {sums['after'] / sums['before']:.2f}")
 
 
 if __name__ == "__main__":
