@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -31,11 +32,19 @@ class ServiceProcess:
     Default settings otherwise, except that the Prometheus endpoint (on, as by default)
     takes any free port instead of the fixed default one, which another server on the
     machine may hold, and ``workers`` (``--workers``). CPU and memory are those of the
-    process and its children (the supervisor and its workers).
+    process and its children (the supervisor and its workers). ``source``: run the service
+    from that copy of the repository's ``service`` and ``clients/python/src`` (an older
+    revision, bench/time_budget.py) instead of the installed one.
     """
 
     def __init__(
-        self, database_url: str, log_path: Path, *, floor: bool = False, workers: int = 1
+        self,
+        database_url: str,
+        log_path: Path,
+        *,
+        floor: bool = False,
+        workers: int = 1,
+        source: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -49,11 +58,18 @@ class ServiceProcess:
                 sys.executable, "-m", "lesson_progress", "serve",
                 "--database-url", database_url, "--host", "127.0.0.1",
                 "--port", str(self.port), "--metrics-port", "0", "--no-migrate",
-                "--workers", str(workers),
+                # Only when asked: the revisions before --workers (``source``) lack it.
+                *(["--workers", str(workers)] if workers != 1 else []),
             ]
         )  # fmt: skip
+        env = None
+        if source is not None:
+            paths = (source / "service", source / "clients" / "python" / "src")
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, paths))}
         with log_path.open("wb") as log:
-            self.popen = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=source
+            )
         self.process = psutil.Process(self.popen.pid)
         self._wait_ready()
         self.workers = workers

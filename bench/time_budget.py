@@ -19,8 +19,14 @@ their time never overlaps: the steady state of learners who keep watching).
 
 "Before" is the heartbeat statement of the store at git revision ``REV`` (default: the
 commit before migration 0007; the migrated schema still runs it, once the single-heartbeat
-function of that revision, dropped by 0008, is created again from its migration). Prints
-heartbeats per second per phase and the after/before ratio of the sums.
+function of that revision, dropped by 0008, is created again from its migration).
+
+Last, the same through the service: the service as it was at ``REV`` (extracted with ``git
+archive``, started with ``--no-migrate``: it accepts the newer schema) and as it is, 16
+RecordTime callers sending heartbeats of new learners, then 2 BatchRecordTime callers
+sending offline syncs, phases interleaved the same way: the cost as a caller sees it (and
+whatever else changed between the revisions). Prints heartbeats per second per phase and
+the after/before ratio of the sums.
 """
 
 from __future__ import annotations
@@ -29,22 +35,30 @@ import argparse
 import asyncio
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import ModuleType
 
 import asyncpg
+import grpc
 
 from bench.postgres import fresh_database
+from bench.service import ServiceProcess
 from lesson_progress import values
 from lesson_progress.store import heartbeats
+from lessonprogress.v1 import progress_service_pb2 as pb
+from lessonprogress.v1 import progress_service_pb2_grpc
 
 BEFORE = "a769ec1^"
 COURSES = 20
 LESSONS = 20
+#: Concurrent RecordTime callers of the gRPC phase (the harness's default concurrency).
+GRPC_CALLERS = 16
 
 
 def _at(revision: str, path: str) -> str:
@@ -54,7 +68,7 @@ def _at(revision: str, path: str) -> str:
     ).stdout
 
 
-def _before_module(revision: str) -> ModuleType:
+def before_module(revision: str) -> ModuleType:
     """The heartbeats module as it was at ``revision`` (its SQL constants only are used)."""
     source = _at(revision, "service/lesson_progress/store/heartbeats.py")
     module = ModuleType("heartbeats_before")
@@ -203,8 +217,87 @@ async def _phase(
     return done / (time.monotonic() - started)
 
 
+def _request(beat: values.Heartbeat) -> pb.RecordTimeRequest:
+    request = pb.RecordTimeRequest(
+        user_id=beat.user_id,
+        course_id=beat.course_id,
+        lesson_id=beat.lesson_id,
+        seconds=beat.seconds,
+        request_id=beat.request_id,
+    )
+    if beat.occurred_at is not None:
+        request.occurred_at.FromDatetime(beat.occurred_at)
+    return request
+
+
+async def _grpc_phase(address: str, courses: list[str], seconds: float, batch: bool) -> float:
+    """Heartbeats per second through gRPC: GRPC_CALLERS RecordTime callers, a new learner
+    each, or 2 BatchRecordTime callers sending offline syncs of 500."""
+    done = 0
+    end = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        progress = progress_service_pb2_grpc.ProgressServiceStub(channel)
+
+        async def caller() -> None:
+            nonlocal done
+            while time.monotonic() < end:
+                if batch:
+                    requests = [_request(b) for b in _offline_sync(courses)]
+                    await progress.BatchRecordTime(pb.BatchRecordTimeRequest(requests=requests))
+                    done += len(requests)
+                else:
+                    await progress.RecordTime(_request(_new_learners(courses, 1)()[0]))
+                    done += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(caller() for _ in range(2 if batch else GRPC_CALLERS)))
+    return done / (time.monotonic() - started)
+
+
+def _extract(revision: str, into: Path) -> Path:
+    """The service and its client stubs as they were at ``revision``, under ``into``."""
+    archive = subprocess.run(
+        ["git", "archive", revision, "service", "clients/python/src", "migrations"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+async def _through_grpc(
+    url: str, courses: list[str], rounds: int, seconds: float, revision: str
+) -> None:
+    """Heartbeats through the service as it was at ``revision`` and as it is: the budget's
+    cost as a caller sees it (and whatever else changed in between)."""
+    with tempfile.TemporaryDirectory() as work:
+        logs = Path(work)
+        old = _extract(revision, Path(tempfile.mkdtemp(dir=work)))
+        servers = {
+            "before": ServiceProcess(url, logs / "before.log", source=old),
+            "after": ServiceProcess(url, logs / "after.log"),
+        }
+        try:
+            for batch in (False, True):
+                name = (
+                    "BatchRecordTime through the service (2 callers, offline syncs of 500)"
+                    if batch
+                    else f"RecordTime through the service ({GRPC_CALLERS} callers, new learners)"
+                )
+                sums = {"before": 0.0, "after": 0.0}
+                for round_ in range(rounds):
+                    for label, server in servers.items():
+                        rate = await _grpc_phase(server.address, courses, seconds, batch)
+                        sums[label] += rate
+                        print(f"{name}, round {round_ + 1}, {label}: {rate:,.0f} heartbeats/s")
+                print(f"{name}: after/before = {sums['after'] / sums['before']:.2f}")
+        finally:
+            for server in servers.values():
+                server.stop()
+
+
 async def main(rounds: int, seconds: float, revision: str) -> None:
-    old = _before_module(revision)
+    old = before_module(revision)
     async with fresh_database() as provisioned:
         connection = await asyncpg.connect(provisioned.url)
         courses = [str(uuid.uuid4()) for _ in range(COURSES)]
@@ -227,6 +320,7 @@ async def main(rounds: int, seconds: float, revision: str) -> None:
                     sums[label] += rate
                     print(f"{shape.name}, round {round_ + 1}, {label}: {rate:,.0f} heartbeats/s")
             print(f"{shape.name}: after/before = {sums['after'] / sums['before']:.2f}")
+        await _through_grpc(provisioned.url, courses, rounds, seconds, revision)
 
 
 if __name__ == "__main__":
