@@ -68,7 +68,7 @@ def _at(revision: str, path: str) -> str:
     ).stdout
 
 
-def before_module(revision: str) -> ModuleType:
+def _before_module(revision: str) -> ModuleType:
     """The heartbeats module as it was at ``revision`` (its SQL constants only are used)."""
     source = _at(revision, "service/lesson_progress/store/heartbeats.py")
     module = ModuleType("heartbeats_before")
@@ -256,6 +256,7 @@ async def _grpc_phase(address: str, courses: list[str], seconds: float, batch: b
 
 def _extract(revision: str, into: Path) -> Path:
     """The service and its client stubs as they were at ``revision``, under ``into``."""
+    into.mkdir()
     archive = subprocess.run(
         ["git", "archive", revision, "service", "clients/python/src", "migrations"],
         check=True,
@@ -272,7 +273,7 @@ async def _through_grpc(
     cost as a caller sees it (and whatever else changed in between)."""
     with tempfile.TemporaryDirectory() as work:
         logs = Path(work)
-        old = _extract(revision, Path(tempfile.mkdtemp(dir=work)))
+        old = _extract(revision, logs / "before")
         servers = {
             "before": ServiceProcess(url, logs / "before.log", source=old),
             "after": ServiceProcess(url, logs / "after.log"),
@@ -297,7 +298,7 @@ async def _through_grpc(
 
 
 async def main(rounds: int, seconds: float, revision: str) -> None:
-    old = before_module(revision)
+    old = _before_module(revision)
     async with fresh_database() as provisioned:
         connection = await asyncpg.connect(provisioned.url)
         courses = [str(uuid.uuid4()) for _ in range(COURSES)]

@@ -222,6 +222,15 @@ async def test_foreign_keys(db: asyncpg.Pool) -> None:
     assert await db.fetchval("SELECT to_regclass('public.users')") is None
 
 
+async def test_heartbeat_function_names_its_courses_on_citus_only(db: asyncpg.Pool) -> None:
+    """Migration 0009: on one PostgreSQL the heartbeat function runs without the conditions
+    that route its statements to the courses' shards on Citus (PostgreSQL 18 answered them
+    with a scan of every claim of the course per entry); on Citus it keeps them."""
+    definition = await db.fetchval("SELECT pg_get_functiondef('lp_record_heartbeats'::regproc)")
+    on_citus = await db.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
+    assert definition.count("course_id = ANY (p_course_ids)") == (3 if on_citus else 0)
+
+
 async def test_indexes_are_exactly_the_documented_ones(db: asyncpg.Pool) -> None:
     rows = await db.fetch(
         """

@@ -94,11 +94,8 @@ def statement_arguments(
 def heartbeat_arguments(heartbeat: Heartbeat, allowance_seconds: int) -> tuple[object, ...]:
     """The arguments of ``HEARTBEAT`` for this heartbeat."""
     h = heartbeat
-    return (
-        *(h.user_id, h.course_id, h.lesson_id, h.seconds, h.request_id, h.occurred_at),
-        allowance_seconds,
-        OCCURRED_AT_RETENTION,
-    )
+    return (h.user_id, h.course_id, h.lesson_id, h.seconds, h.request_id, h.occurred_at,
+            allowance_seconds, OCCURRED_AT_RETENTION)  # fmt: skip
 
 
 def _columns(heartbeats: list[Heartbeat]) -> tuple[list[object], ...]:
