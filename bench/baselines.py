@@ -18,7 +18,6 @@ import asyncpg
 from bench.backends import Call, Outcome, Window, unsupported
 from bench.keys import CourseKey, Heartbeat, Key, Params, Scored
 from bench.operations import Op
-from lesson_progress import values
 from lesson_progress.store.analytics import COURSE_LEARNERS, LESSON_STATS
 from lesson_progress.store.checks import COURSE_EXISTS, GET_LESSON_PROGRESS, LOOKUP_LESSON
 from lesson_progress.store.heartbeats import (
@@ -99,9 +98,7 @@ class RawBackend(_Connections):
 
     async def _record_time(self, slot: int, item: object, window: Window) -> Outcome:
         assert isinstance(item, Heartbeat)
-        key = item.key
-        beat = values.Heartbeat(key.user_id, key.course_id, key.lesson_id, item.seconds)
-        await self.connections[slot].fetch(HEARTBEAT, *heartbeat_arguments(beat, 300))
+        await self.connections[slot].fetch(HEARTBEAT, *heartbeat_arguments(item.value(), 300))
         return 1, True
 
     async def _batch(self, slot: int, item: object, window: Window) -> Outcome:
@@ -304,11 +301,4 @@ class NaiveBackend(_Connections):
 
 def _arguments(beats: list[Heartbeat], all_or_nothing: bool) -> tuple[object, ...]:
     """The service's heartbeat statement's arguments (default allowance, no request ids)."""
-    return statement_arguments(
-        [
-            values.Heartbeat(b.key.user_id, b.key.course_id, b.key.lesson_id, b.seconds)
-            for b in beats
-        ],
-        300,
-        all_or_nothing,
-    )
+    return statement_arguments([b.value() for b in beats], 300, all_or_nothing)

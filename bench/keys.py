@@ -20,6 +20,7 @@ from bench.dataset import (
     Enrollment,
 )
 from bench.operations import Backend, Op
+from lesson_progress import values
 
 HEARTBEAT_SECONDS = 30
 BATCHES_PER_PLAN = 64
@@ -41,6 +42,12 @@ class Heartbeat:
 
     key: Key
     seconds: int
+
+    def value(self) -> values.Heartbeat:
+        """The heartbeat as the service's store takes it (no request id, now)."""
+        return values.Heartbeat(
+            self.key.user_id, self.key.course_id, self.key.lesson_id, self.seconds
+        )
 
 
 @dataclass(frozen=True, slots=True)

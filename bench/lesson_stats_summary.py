@@ -31,7 +31,6 @@ from bench.operations import Op
 from lesson_progress.store.database import Database
 from lesson_progress.store.heartbeats import HEARTBEAT, heartbeat_arguments
 from lesson_progress.store.lesson_stats import LESSON_STATS, LessonStatsSummaries, SummaryPolicy
-from lesson_progress.values import Heartbeat as Beat
 
 WRITERS = 16
 
@@ -54,9 +53,7 @@ async def _heartbeats(url: str, beats: list[Heartbeat], seconds: float) -> float
         while time.monotonic() < end:
             beat = beats[position % len(beats)]
             position += WRITERS
-            key = beat.key
-            one = Beat(key.user_id, key.course_id, key.lesson_id, beat.seconds)
-            await connections[index].fetchrow(HEARTBEAT, *heartbeat_arguments(one, 300))
+            await connections[index].fetchrow(HEARTBEAT, *heartbeat_arguments(beat.value(), 300))
             done += 1
 
     try:
