@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lesson_progress import server
+from lesson_progress.validation import Validator
 from lessonprogress.v1 import progress_service_pb2 as pb
 from lessonprogress.v1 import progress_service_pb2_grpc
 from tests.conftest import CourseIds, new_id, server_config
@@ -252,13 +254,25 @@ async def test_occurred_at_must_be_recent_and_not_ahead(
             beat(user, course, "l1", 10, occurred_at=at(now + 600)),  # too far ahead
             beat(user, course, "l1", 10, occurred_at=at(now + 5)),  # within the skew
             beat(user, course, "l1", 10, occurred_at=at(now - 6 * 86400)),
+            # beyond what a datetime can hold, either way, and nanos out of range
+            beat(user, course, "l1", 10, occurred_at=at(2**62)),
+            beat(user, course, "l1", 10, occurred_at=at(-(2**62))),
+            beat(user, course, "l1", 10, occurred_at=Timestamp(seconds=now, nanos=-1)),
         ]
     )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await progress.BatchRecordTime(batch)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad_fields(raised.value) == {"requests[0].occurred_at", "requests[1].occurred_at"}
+    assert bad_fields(raised.value) == {f"requests[{i}].occurred_at" for i in (0, 1, 4, 5, 6)}
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await progress.RecordTime(beat(user, course, "l1", 10, occurred_at=at(now + 600)))
     assert bad_fields(raised.value) == {"occurred_at"}
     assert await stored(progress, user, course) == 0  # nothing of the refused batch
+
+
+def test_occurred_at_keeps_its_microseconds() -> None:
+    moment = datetime.now(UTC).replace(microsecond=123456) - timedelta(hours=1)
+    stamp = Timestamp(seconds=int(moment.timestamp()), nanos=123_456_789)
+    check = Validator()
+    assert check.recent_time("occurred_at", stamp, ahead=60, behind=86400) == moment
+    check.done()

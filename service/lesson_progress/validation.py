@@ -7,6 +7,7 @@ clean, plain values down to the store.
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,6 +20,7 @@ MAX_TITLE_LENGTH = 1000
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 # C0 controls (NUL included), DEL and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Validator:
@@ -88,18 +90,21 @@ class Validator:
         self, field: str, value: Timestamp, *, ahead: float, behind: float
     ) -> datetime | None:
         """A valid Timestamp at most ``ahead`` seconds after now and ``behind`` seconds
-        before it (now: this server's clock), as an aware datetime."""
-        if not 0 <= value.nanos < 1_000_000_000:
+        before it (now: this server's clock), as an aware datetime.
+
+        The bounds are checked on plain numbers before any datetime is built: a
+        batch validates up to a thousand of these, and this is cheaper than
+        ``Timestamp.ToDatetime`` plus datetime arithmetic per entry."""
+        seconds, nanos = value.seconds, value.nanos
+        if not 0 <= nanos < 1_000_000_000:
             self.fail(field, "must be a valid timestamp (nanos 0..999,999,999)")
             return None
-        now = datetime.now(UTC)
-        try:
-            moment = value.ToDatetime(tzinfo=UTC)
-        except (ValueError, OverflowError):
-            self.fail(field, "must be a valid timestamp")
-            return None
-        if moment > now + timedelta(seconds=ahead):
+        now = time.time()
+        moment = seconds + nanos / 1e9
+        if moment > now + ahead:
             self.fail(field, f"must not be more than {ahead:g} s in the future")
-        elif moment < now - timedelta(seconds=behind):
+            return None
+        if moment < now - behind:
             self.fail(field, f"must not be more than {behind / 86400:g} days old")
-        return moment
+            return None
+        return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
