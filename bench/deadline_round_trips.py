@@ -26,7 +26,8 @@ import asyncpg
 from lesson_progress import embedded, migrate
 from lesson_progress.config import DEFAULT_MIGRATIONS_DIR
 from lesson_progress.store.database import Connection, Database, call_deadline
-from lesson_progress.store.heartbeats import LOCK_WAIT, RECORD_TIME
+from lesson_progress.store.heartbeats import HEARTBEAT, heartbeat_arguments
+from lesson_progress.values import Heartbeat
 
 COURSE = "INSERT INTO courses (course_id, title) VALUES ($1, 'bench')"
 ROUND = 250
@@ -37,7 +38,7 @@ async def measure(url: str, calls: int) -> dict[str, float]:
     connection = await asyncpg.connect(url)
     try:
         await migrate.migrate(connection, DEFAULT_MIGRATIONS_DIR)
-        course = uuid.uuid4()
+        course = str(uuid.uuid4())
         await connection.execute(COURSE, course)
         await connection.execute(LESSON, course)
         await connection.execute("ALTER SYSTEM SET synchronous_commit = off")
@@ -45,11 +46,12 @@ async def measure(url: str, calls: int) -> dict[str, float]:
     finally:
         await connection.close()
     database = await Database.connect(url, pool_size=1)
-    user = uuid.uuid4()
+    user = str(uuid.uuid4())
     loop = asyncio.get_running_loop()
 
     async def heartbeat(connection: Connection) -> object:
-        return await connection.fetchrow(RECORD_TIME, user, course, "l1", 1, uuid.uuid4())
+        beat = Heartbeat(user, course, "l1", 1, str(uuid.uuid4()))
+        return await connection.fetchrow(HEARTBEAT, *heartbeat_arguments(beat, 300))
 
     async def four_round_trips(connection: Connection) -> object:
         async with connection.transaction():
@@ -59,7 +61,7 @@ async def measure(url: str, calls: int) -> dict[str, float]:
 
     async def bounded() -> object:
         call_deadline.set(loop.time() + 10.0)
-        return await database.run(heartbeat, lock_timeout=LOCK_WAIT)
+        return await database.run(heartbeat)
 
     async def earlier() -> object:
         call_deadline.set(None)

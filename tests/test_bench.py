@@ -6,6 +6,7 @@ generator processes). No figure is asserted: on shared cores timing means nothin
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -164,3 +165,12 @@ def test_runs_on_the_citus_coordinator_and_splits_its_cpu(
     assert shares, rows
     for share in shares:
         assert 0 <= float(share.rstrip("%")) <= 100
+
+
+@pytest.mark.parametrize(
+    "module", sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__main__")
+)
+def test_every_bench_module_imports(module: str) -> None:
+    """The standalone measurements (``python -m bench.NAME``) are not run here; each at
+    least still imports what it uses from the service."""
+    importlib.import_module(f"bench.{module}")

@@ -98,3 +98,39 @@ async def test_merged_request_id_reuse_fails_only_that_call(make_course, narrow_
         pb.GetLessonProgressRequest(user_id=user, course_id=course.course_id, lesson_id="l2")
     )
     assert got.lesson.time_spent_seconds == 30
+
+
+async def test_a_locked_row_delays_only_the_heartbeats_on_it(
+    make_course, narrow_progress, db
+) -> None:
+    """A heartbeat waits for a row lock only briefly (LOCK_WAIT: migration 0010 for a lone
+    heartbeat, the transaction's setting for merged ones), then steps aside and tries again
+    alone: with one statement slot, heartbeats on a row held for long would otherwise keep
+    everyone else's waiting behind them."""
+    course = await make_course(1)
+    held, lesson = new_id(), course.lesson_ids[0]
+
+    def beat(user: str) -> pb.RecordTimeRequest:
+        return pb.RecordTimeRequest(
+            user_id=user, course_id=course.course_id, lesson_id=lesson, seconds=5
+        )
+
+    await narrow_progress.RecordTime(beat(held))
+    async with db.acquire() as connection, connection.transaction():
+        await connection.execute(
+            "SELECT FROM lesson_progress WHERE user_id = $1 AND course_id = $2 FOR UPDATE",
+            held,
+            course.course_id,
+        )
+        blocked = [
+            asyncio.ensure_future(narrow_progress.RecordTime(beat(held), timeout=120))
+            for _ in range(3)
+        ]
+        others = [narrow_progress.RecordTime(beat(new_id()), timeout=120) for _ in range(30)]
+        # Only a guard against hanging: the others cannot finish unless the blocked
+        # heartbeats give the slot back.
+        answers = await asyncio.wait_for(asyncio.gather(*others), 60)
+        assert [a.lesson.time_spent_seconds for a in answers] == [5] * 30
+        assert not any(b.done() for b in blocked)
+    answers = await asyncio.gather(*blocked)
+    assert sorted(a.lesson.time_spent_seconds for a in answers) == [10, 15, 20]

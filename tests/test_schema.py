@@ -25,6 +25,7 @@ import asyncpg
 import pytest
 
 from lesson_progress.config import Config
+from lesson_progress.store.heartbeats import LOCK_WAIT
 from tests.conftest import CourseIds
 
 MakeCourse = Callable[..., Awaitable[CourseIds]]
@@ -229,6 +230,20 @@ async def test_heartbeat_function_names_its_courses_on_citus_only(db: asyncpg.Po
     definition = await db.fetchval("SELECT pg_get_functiondef('lp_record_heartbeats'::regproc)")
     on_citus = await db.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
     assert definition.count("course_id = ANY (p_course_ids)") == (3 if on_citus else 0)
+
+
+async def test_heartbeat_writer_functions_bound_their_lock_waits(db: asyncpg.Pool) -> None:
+    """Migration 0010: the functions of RecordTime's writer wait LOCK_WAIT for a row lock
+    (their own setting, so that no transaction is needed to set it); BatchRecordTime's waits
+    as long as its caller."""
+    settings = {
+        name: await db.fetchval("SELECT proconfig FROM pg_proc WHERE proname = $1", name)
+        for name in ("lp_record_heartbeat", "lp_record_merged_heartbeats", "lp_record_heartbeats")
+    }
+    bound = f"lock_timeout={round(LOCK_WAIT * 1000)}ms"
+    assert bound in settings["lp_record_heartbeat"]
+    assert bound in settings["lp_record_merged_heartbeats"]
+    assert not any(s.startswith("lock_timeout") for s in settings["lp_record_heartbeats"] or [])
 
 
 async def test_indexes_are_exactly_the_documented_ones(db: asyncpg.Pool) -> None:

@@ -185,36 +185,33 @@ class Database:
             for pool in pools:
                 pool.terminate()
 
-    async def run(
-        self, work: Callable[[Connection], Awaitable[T]], *, lock_timeout: float | None = None
-    ) -> T:
+    async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Runs ``work`` on a pooled connection, retrying it after a lost race.
 
         With a caller's deadline (``call_deadline``), ``work`` runs in a transaction whose
         ``statement_timeout`` and ``lock_timeout`` are the time left, and which is rolled
         back instead of committed once the deadline has passed: PostgreSQL aborts the work
         of a caller that has gone, and applies nothing of it (only a COMMIT already on its
-        way when the caller gave up may still take effect). ``lock_timeout`` (seconds)
-        bounds row-lock waits further: past it, errors.LockTimeout (nothing applied).
+        way when the caller gave up may still take effect). A lock wait that times out
+        (the deadline's, or a function's own: migration 0010) raises errors.LockTimeout,
+        nothing applied.
         """
         try:
-            result = await self._run(work, lock_timeout)
+            result = await self._run(work)
         except errors.Unavailable as exc:
             self._reached(False, exc.message)
             raise
         self._reached(True)
         return result
 
-    async def _run(
-        self, work: Callable[[Connection], Awaitable[T]], lock_timeout: float | None
-    ) -> T:
+    async def _run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 left = remaining_seconds()
-                if left is None and lock_timeout is None:
+                if left is None:
                     async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as connection:
                         return await work(connection)
-                return await self._run_bounded(work, left, lock_timeout)
+                return await self._run_bounded(work, left)
             except _RETRYABLE as exc:
                 if attempt == MAX_ATTEMPTS:
                     raise errors.Aborted(
@@ -228,20 +225,17 @@ class Database:
                 raise errors.Unavailable(f"the database is unavailable: {_reason(exc)}") from None
         raise AssertionError("unreachable")
 
-    async def _run_bounded(
-        self, work: Callable[[Connection], Awaitable[T]], left: float | None, lock: float | None
-    ) -> T:
+    async def _run_bounded(self, work: Callable[[Connection], Awaitable[T]], left: float) -> T:
         """``work`` in a transaction bounded by the caller's deadline (``left`` seconds)."""
-        if left is not None and left <= 0:
+        if left <= 0:
             raise errors.DeadlineExceeded("the call's deadline passed; nothing was done")
-        statement_ms = 0 if left is None else max(1, int(left * 1000))
-        lock_ms = min(x for x in (left, lock) if x is not None)
+        timeout_ms = max(1, int(left * 1000))
         async with self._pool.acquire(timeout=_acquire_timeout()) as connection:
             # One round trip opens the transaction and bounds it (a simple query of three
             # statements); asyncpg's transaction() would send BEGIN on its own.
             await connection.execute(
-                f"BEGIN; SET LOCAL statement_timeout = {statement_ms};"
-                f" SET LOCAL lock_timeout = {max(1, int(lock_ms * 1000))}"
+                f"BEGIN; SET LOCAL statement_timeout = {timeout_ms};"
+                f" SET LOCAL lock_timeout = {timeout_ms}"
             )
             try:
                 result = await work(connection)

@@ -43,6 +43,14 @@ HEARTBEATS = (
                           $5::uuid[], $6::timestamptz[], $7::integer, $8::integer, $9::boolean)
 """
 )
+# Heartbeats merged by RecordTime's writer: HEARTBEATS with independent entries, its lock
+# waits bounded by the function (LOCK_WAIT, migration 0010).
+MERGED_HEARTBEATS = (
+    _ROW
+    + """FROM lp_record_merged_heartbeats($1::uuid[], $2::uuid[], $3::varchar[], $4::integer[],
+                                 $5::uuid[], $6::timestamptz[], $7::integer, $8::integer)
+"""
+)
 # One heartbeat, the same rule and row shape in fewer statements (migration 0009): a
 # RecordTime call that finds a statement slot free.
 HEARTBEAT = (
@@ -91,6 +99,11 @@ def statement_arguments(
     return (*_columns(heartbeats), allowance_seconds, OCCURRED_AT_RETENTION, all_or_nothing)
 
 
+def merged_arguments(heartbeats: list[Heartbeat], allowance_seconds: int) -> tuple[object, ...]:
+    """The arguments of ``MERGED_HEARTBEATS`` for these heartbeats."""
+    return (*_columns(heartbeats), allowance_seconds, OCCURRED_AT_RETENTION)
+
+
 def heartbeat_arguments(heartbeat: Heartbeat, allowance_seconds: int) -> tuple[object, ...]:
     """The arguments of ``HEARTBEAT`` for this heartbeat."""
     h = heartbeat
@@ -112,7 +125,9 @@ def _columns(heartbeats: list[Heartbeat]) -> tuple[list[object], ...]:
 
 # How long a heartbeat statement may wait for a row lock before it is rolled back and its
 # heartbeats retried (apart from each other): a row locked by someone else then delays
-# only the heartbeats on that row, never a slot for long.
+# only the heartbeats on that row, never a slot for long. The writer's functions carry it
+# (migration 0010), so that its statements need no transaction to set it: without a
+# caller's deadline each is one autocommit statement, one round trip rather than three.
 LOCK_WAIT = 0.2
 # Pause of a heartbeat whose row was locked before it tries again (its caller's deadline
 # ends the retries).
@@ -289,31 +304,30 @@ class HeartbeatStore:
             assert row is not None  # one row per heartbeat
             return await _outcome(connection, h, row)
 
-        outcome = await self.database.run(work, lock_timeout=LOCK_WAIT)
+        outcome = await self.database.run(work)
         if isinstance(outcome, errors.ServiceError):
             raise outcome
         return outcome
-
-    def _arguments(self, heartbeats: list[Heartbeat], all_or_nothing: bool) -> tuple[object, ...]:
-        return statement_arguments(heartbeats, self.allowance_seconds, all_or_nothing)
 
     async def _write_many(self, heartbeats: list[Heartbeat]) -> list[Record | errors.ServiceError]:
         """Independent heartbeats in one statement; per entry its row or its own error."""
 
         async def work(connection: Connection) -> list[Record | errors.ServiceError]:
-            rows = await connection.fetch(HEARTBEATS, *self._arguments(heartbeats, False))
+            rows = await connection.fetch(
+                MERGED_HEARTBEATS, *merged_arguments(heartbeats, self.allowance_seconds)
+            )
             return [
                 await _outcome(connection, heartbeat, row)
                 for heartbeat, row in zip(heartbeats, rows, strict=True)
             ]
 
-        return await self.database.run(work, lock_timeout=LOCK_WAIT)
+        return await self.database.run(work)
 
     # --- BatchRecordTime ---------------------------------------------------------------
 
     async def batch_record_time(self, heartbeats: list[Heartbeat]) -> list[Record]:
         """Adds every heartbeat atomically; returns one row per entry, in order."""
-        arguments = self._arguments(heartbeats, True)
+        arguments = statement_arguments(heartbeats, self.allowance_seconds, True)
 
         async def work(connection: Connection) -> list[Record]:
             rows = await connection.fetch(HEARTBEATS, *arguments)
