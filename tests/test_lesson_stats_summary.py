@@ -244,3 +244,37 @@ def test_the_protos_state_the_policy_the_server_applies() -> None:
     policy = SummaryPolicy()
     assert f"at most {policy.max_age:g} seconds before the call" in text
     assert f"fewer than {policy.min_rows:,} learner-lessons" in text
+
+
+async def test_only_courses_asked_for_since_their_summary_are_recomputed(
+    db: asyncpg.Pool, database: Database
+) -> None:
+    """The refresher keeps a course fresh while it is being asked for and leaves it alone
+    once it is not (a burst of requests for many large courses once costs one
+    recomputation each, not one every refresh_after for minutes)."""
+    rng = random.Random(9)
+    course_id, lesson_ids = await make_course(db)
+    rows: dict[tuple[str, str], Row] = {}
+    await write(db, course_id, rows, rng, [new_id() for _ in range(5)], lesson_ids, 10)
+    summaries = LessonStatsSummaries(database, SummaryPolicy(min_rows=1, refresh_after=0))
+
+    async def computed_at() -> Any:
+        return await db.fetchval(
+            "SELECT computed_at FROM lesson_stats_courses WHERE course_id = $1", course_id
+        )
+
+    await summaries.lesson_stats(course_id)  # live, and now asked for
+    first = await computed_at()
+    await summaries.refresh_due()
+    second = await computed_at()
+    assert second != first  # the first summary
+    await summaries.refresh_due()  # nobody asked since: nothing to do
+    assert await computed_at() == second
+    served, summarised = await summaries.lesson_stats(course_id)  # asked again
+    assert summarised
+    assert_figures(served, expected(rows, lesson_ids))
+    await summaries.refresh_due()
+    third = await computed_at()
+    assert third > second
+    await summaries.refresh_due()
+    assert await computed_at() == third

@@ -4,9 +4,11 @@ Aggregating every row of a course costs time in proportion to the course (1.3 s 
 course of 1.2M learner-lessons). A course with at least ``min_rows`` rows is therefore
 served from ``lesson_stats_summary`` (migration 0006) while that summary is at most
 ``max_age`` seconds old, and computed from its rows otherwise. A background task
-(``refresh_forever``, one per server) recomputes, every ``refresh_after`` seconds, the
-summaries of the large courses that were asked for within ``demand_seconds``; a lease row
-(``refreshing_until``) keeps two replicas from recomputing the same course at once.
+(``refresh_forever``, one per server) recomputes a large course's summary once it is
+``refresh_after`` seconds old if the course was asked for since that summary was computed:
+a course is kept fresh while it is being asked for, and costs nothing once it is not. A
+lease row (``refreshing_until``) keeps two replicas from recomputing the same course at
+once.
 
 What a caller gets is therefore never older than ``max_age`` seconds, and every figure
 (counts, means, percentiles, histogram) is exact for the snapshot it was computed from:
@@ -92,11 +94,12 @@ LESSON_STATS = lesson_stats_of(LESSON_AGGREGATES)
 
 
 # The course row of a summary, with whether it is fresh enough to serve ($2: max age) and
-# whether its demand stamp is due for renewal ($3: seconds).
+# whether this is the first request since it was computed (to be recorded: the refresher
+# recomputes only courses asked for since their summary).
 SUMMARY_HEADER = """
 SELECT computed_at, row_count,
        computed_at >= now() - make_interval(secs => $2::float8) AS fresh,
-       requested_at < now() - make_interval(secs => $3::float8) AS renew_demand
+       requested_at < computed_at AS renew_demand
 FROM lesson_stats_courses WHERE course_id = $1::uuid
 """
 
@@ -106,8 +109,9 @@ SUMMARY_STATS = lesson_stats_of("""
     WHERE course_id = $1::uuid AND computed_at = $2::timestamptz
 """)
 
-# A large course was asked for: the refresher keeps its summary fresh from now on. A new
-# course row has no summary yet ('-infinity'); its row count is the live result's.
+# A large course was asked for (the first time since its summary was computed, or with no
+# summary fresh enough): the refresher recomputes it once it is due. A new course row has
+# no summary yet ('-infinity'); its row count is the live result's.
 REGISTER_DEMAND = """
 INSERT INTO lesson_stats_courses AS c (course_id, computed_at, row_count, requested_at)
 VALUES ($1::uuid, '-infinity', $2::bigint, now())
@@ -116,13 +120,13 @@ SET requested_at = EXCLUDED.requested_at,
     row_count = GREATEST(c.row_count, EXCLUDED.row_count)
 """
 
-# Courses whose summary should be recomputed: asked for recently ($1 s), older than
-# $2 s, still large ($3 rows), and not leased to another replica.
+# Courses whose summary should be recomputed: asked for since it was computed, older than
+# $1 s, still large ($2 rows), and not leased to another replica.
 DUE_COURSES = """
 SELECT course_id::text FROM lesson_stats_courses
-WHERE requested_at >= now() - make_interval(secs => $1::float8)
-  AND computed_at < now() - make_interval(secs => $2::float8)
-  AND row_count >= $3::bigint
+WHERE requested_at > computed_at
+  AND computed_at < now() - make_interval(secs => $1::float8)
+  AND row_count >= $2::bigint
   AND (refreshing_until IS NULL OR refreshing_until < now())
 ORDER BY computed_at
 LIMIT 16
@@ -196,9 +200,8 @@ class SummaryPolicy:
     max_age: float = 30.0
     """Seconds: a summary older than this is never served (the live figures are)."""
     refresh_after: float = 15.0
-    """Seconds: the refresher recomputes a summary in demand once it is this old."""
-    demand_seconds: float = 600.0
-    """Seconds after the last request for which a course's summary is kept fresh."""
+    """Seconds: the refresher recomputes a summary once it is this old, if the course
+    was asked for since it was computed."""
     poll_seconds: float = 1.0
     """How often the refresher looks for due summaries."""
     lease_seconds: float = 120.0
@@ -219,9 +222,7 @@ class LessonStatsSummaries:
         policy = self.policy
         async with self.database.read_snapshot() as connection:
             await ensure_course(connection, course_id)
-            header = await connection.fetchrow(
-                SUMMARY_HEADER, course_id, policy.max_age, policy.demand_seconds / 10
-            )
+            header = await connection.fetchrow(SUMMARY_HEADER, course_id, policy.max_age)
             if header is not None and header["fresh"] and header["row_count"] >= policy.min_rows:
                 rows = await connection.fetch(SUMMARY_STATS, course_id, header["computed_at"])
                 summarised, register = True, bool(header["renew_demand"])
@@ -237,7 +238,7 @@ class LessonStatsSummaries:
     async def refresh_due(self) -> int:
         """Recomputes the summaries that are due and not leased elsewhere; returns how many."""
         policy = self.policy
-        args = (policy.demand_seconds, policy.refresh_after, policy.min_rows)
+        args = (policy.refresh_after, policy.min_rows)
         due: Sequence[Record] = await self.database.run(lambda c: c.fetch(DUE_COURSES, *args))
         done = 0
         for row in due:
