@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import re
 import shutil
@@ -87,6 +88,17 @@ def parse_flags(*flags: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     return parser.parse_args(list(flags))
+
+
+def test_settled_collector_ignores_startup_objects() -> None:
+    threshold = gc.get_threshold()
+    try:
+        cli.settle_garbage_collector()
+        assert gc.get_freeze_count() > 10_000  # every module, descriptor, ... loaded so far
+        assert gc.get_threshold()[0] > threshold[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 def test_load_defaults() -> None:

@@ -11,6 +11,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -71,11 +72,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settle_garbage_collector() -> None:
+    """Takes what startup allocated (modules, protobuf descriptors, the pool) out of the
+    cyclic collector's sight and collects young objects less often.
+
+    A full collection otherwise walks every object of a long-lived server; on the shared
+    2-core machine those pauses showed in the tail of GetLessonProgress under open-loop
+    load (p99.9 15-19 ms without, 9-10 ms with, interleaved runs). Objects freed by
+    reference counting, nearly all of a call's, are not affected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
 async def _serve(config: config_module.Config) -> None:
     role = supervisor.WorkerRole.from_environment()
     if role is not None:  # one of `serve --workers N`: shares the port with the others
         config = dataclasses.replace(config, share_port=True)
     running = await server.start(config)
+    settle_garbage_collector()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
