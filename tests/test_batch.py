@@ -15,6 +15,8 @@ import asyncpg
 import grpc
 import pytest
 
+from lesson_progress.store.heartbeats import HEARTBEATS, statement_arguments
+from lesson_progress.values import Heartbeat
 from lessonprogress.v1 import catalog_service_pb2 as cpb
 from lessonprogress.v1 import progress_service_pb2 as ppb
 from lessonprogress.v1 import resources_pb2 as rpb
@@ -700,6 +702,36 @@ async def test_concurrent_identical_batches_count_once(
     assert not failures, describe(failures)
     assert await stored_totals(db, users) == sums(entries)
     assert await remembered_request_ids(db, users) == 60
+
+
+async def test_a_claim_made_meanwhile_rolls_a_batch_back(make_course: Any, db: asyncpg.Pool):
+    """A batch that could not see a concurrent call's claim of its request id when it read
+    the claims (that call had not committed) finds it when it claims the id itself, and is
+    rolled back to be retried as a replay, not applied a second time. On Citus the count of
+    claims made comes from RETURNING (migration 0011): its ROW_COUNT counts conflicts too."""
+    course = await make_course(1)
+    user, request_id = new_id(), new_id()
+    arguments = statement_arguments(
+        [Heartbeat(user, course.course_id, "l1", 30, request_id)], 300, True
+    )
+    async with db.acquire() as claimer, db.acquire() as caller:
+        claim = claimer.transaction()
+        await claim.start()
+        await claimer.execute(
+            "INSERT INTO processed_requests (user_id, request_id, method, course_id,"
+            " lesson_id, credited_seconds) VALUES ($1, $2, 'RecordTime', $3, 'l1', 30)",
+            user, request_id, course.course_id,
+        )  # fmt: skip
+        call = asyncio.ensure_future(caller.fetch(HEARTBEATS, *arguments))
+        await asyncio.sleep(1.0)  # it reads no claim, then waits on the one being made
+        await claim.commit()
+        try:
+            rows = await call
+        except asyncpg.SerializationError:
+            pass  # rolled back: the service retries it, and then it is a replay
+        else:  # it read the claims after the commit after all: a replay
+            assert not rows[0]["applied"]
+    assert await stored_totals(db, [user]) == Counter()
 
 
 async def test_concurrent_batches_and_unary_heartbeats(
