@@ -25,14 +25,14 @@ from lesson_progress.values import Heartbeat
 
 H = TypeVar("H")
 
-# Heartbeats as parallel arrays, in one call of the function of migrations 0007-0009: outline
+# Heartbeats as parallel arrays, in one call of the function of migrations 0007-0011: outline
 # and request-id checks, the time budget (learner clocks locked in user_id order), the
 # claims, then the lesson rows upserted with the credited seconds (summed per lesson, in key
 # order, so concurrent calls cannot deadlock). One row per entry, in order: `missing`
 # (lesson outside its outline), `reused_*` (where a request id of another call was first
 # used), `credited_seconds`, `applied` (false: a replay), and the lesson row (NULL fields
 # when none). $9: all-or-nothing (BatchRecordTime) or independent entries (heartbeats merged
-# by ``record_time``).
+# by ``record_time``, which go through MERGED_HEARTBEATS).
 _ROW = """
 SELECT idx, missing, reused_method, reused_course_id, reused_lesson_id, credited_seconds,
        applied, (progress).*
