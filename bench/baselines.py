@@ -23,8 +23,8 @@ from lesson_progress.store.checks import COURSE_EXISTS, GET_LESSON_PROGRESS, LOO
 from lesson_progress.store.heartbeats import (
     HEARTBEAT,
     HEARTBEATS,
+    array_arguments,
     heartbeat_arguments,
-    statement_arguments,
 )
 from lesson_progress.store.progress import (
     COMPLETE_LESSON,
@@ -103,7 +103,7 @@ class RawBackend(_Connections):
 
     async def _batch(self, slot: int, item: object, window: Window) -> Outcome:
         assert isinstance(item, tuple)
-        rows = await self.connections[slot].fetch(HEARTBEATS, *_arguments(list(item), True))
+        rows = await self.connections[slot].fetch(HEARTBEATS, *_arguments(list(item)))
         return len(rows), True
 
     async def _start(self, slot: int, item: object, window: Window) -> Outcome:
@@ -299,6 +299,6 @@ class NaiveBackend(_Connections):
         return 1, True
 
 
-def _arguments(beats: list[Heartbeat], all_or_nothing: bool) -> tuple[object, ...]:
+def _arguments(beats: list[Heartbeat]) -> tuple[object, ...]:
     """The service's heartbeat statement's arguments (default allowance, no request ids)."""
-    return statement_arguments([b.value() for b in beats], 300, all_or_nothing)
+    return array_arguments([b.value() for b in beats], 300)

@@ -178,10 +178,9 @@ def _arguments(old: ModuleType | None, beats: list[values.Heartbeat], batch: boo
         if old is None:
             return (heartbeats.HEARTBEAT, *heartbeats.heartbeat_arguments(h, 300))
         return (old.RECORD_TIME, h.user_id, h.course_id, h.lesson_id, h.seconds, h.request_id)
-    if old is None and batch:
-        return (heartbeats.HEARTBEATS, *heartbeats.statement_arguments(beats, 300, True))
-    if old is None:  # what RecordTime's writer sends for heartbeats it merged
-        return (heartbeats.MERGED_HEARTBEATS, *heartbeats.merged_arguments(beats, 300))
+    if old is None:  # merged: what RecordTime's writer sends for heartbeats it merged
+        statement = heartbeats.HEARTBEATS if batch else heartbeats.MERGED_HEARTBEATS
+        return (statement, *heartbeats.array_arguments(beats, 300))
     statement = old.BATCH_RECORD_TIME if batch else old.INDEPENDENT_HEARTBEATS
     return (
         statement,

@@ -15,7 +15,7 @@ import asyncpg
 import grpc
 import pytest
 
-from lesson_progress.store.heartbeats import HEARTBEATS, statement_arguments
+from lesson_progress.store.heartbeats import HEARTBEATS, array_arguments
 from lesson_progress.values import Heartbeat
 from lessonprogress.v1 import catalog_service_pb2 as cpb
 from lessonprogress.v1 import progress_service_pb2 as ppb
@@ -711,9 +711,7 @@ async def test_a_claim_made_meanwhile_rolls_a_batch_back(make_course: Any, db: a
     claims made comes from RETURNING (migration 0011): its ROW_COUNT counts conflicts too."""
     course = await make_course(1)
     user, request_id = new_id(), new_id()
-    arguments = statement_arguments(
-        [Heartbeat(user, course.course_id, "l1", 30, request_id)], 300, True
-    )
+    arguments = array_arguments([Heartbeat(user, course.course_id, "l1", 30, request_id)], 300)
     async with db.acquire() as claimer, db.acquire() as caller:
         claim = claimer.transaction()
         await claim.start()

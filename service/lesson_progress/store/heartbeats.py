@@ -31,8 +31,8 @@ H = TypeVar("H")
 # order, so concurrent calls cannot deadlock). One row per entry, in order: `missing`
 # (lesson outside its outline), `reused_*` (where a request id of another call was first
 # used), `credited_seconds`, `applied` (false: a replay), and the lesson row (NULL fields
-# when none). $9: all-or-nothing (BatchRecordTime) or independent entries (heartbeats merged
-# by ``record_time``, which go through MERGED_HEARTBEATS).
+# when none). All or nothing: BatchRecordTime's statement (the heartbeats ``record_time``
+# merges are independent entries: MERGED_HEARTBEATS).
 _ROW = """
 SELECT idx, missing, reused_method, reused_course_id, reused_lesson_id, credited_seconds,
        applied, (progress).*
@@ -40,7 +40,7 @@ SELECT idx, missing, reused_method, reused_course_id, reused_lesson_id, credited
 HEARTBEATS = (
     _ROW
     + """FROM lp_record_heartbeats($1::uuid[], $2::uuid[], $3::varchar[], $4::integer[],
-                          $5::uuid[], $6::timestamptz[], $7::integer, $8::integer, $9::boolean)
+                          $5::uuid[], $6::timestamptz[], $7::integer, $8::integer, true)
 """
 )
 # Heartbeats merged by RecordTime's writer: HEARTBEATS with independent entries, its lock
@@ -92,15 +92,8 @@ async def _outcome(
     return row
 
 
-def statement_arguments(
-    heartbeats: list[Heartbeat], allowance_seconds: int, all_or_nothing: bool
-) -> tuple[object, ...]:
-    """The arguments of ``HEARTBEATS`` for these heartbeats."""
-    return (*_columns(heartbeats), allowance_seconds, OCCURRED_AT_RETENTION, all_or_nothing)
-
-
-def merged_arguments(heartbeats: list[Heartbeat], allowance_seconds: int) -> tuple[object, ...]:
-    """The arguments of ``MERGED_HEARTBEATS`` for these heartbeats."""
+def array_arguments(heartbeats: list[Heartbeat], allowance_seconds: int) -> tuple[object, ...]:
+    """The arguments of ``HEARTBEATS`` or ``MERGED_HEARTBEATS`` for these heartbeats."""
     return (*_columns(heartbeats), allowance_seconds, OCCURRED_AT_RETENTION)
 
 
@@ -314,7 +307,7 @@ class HeartbeatStore:
 
         async def work(connection: Connection) -> list[Record | errors.ServiceError]:
             rows = await connection.fetch(
-                MERGED_HEARTBEATS, *merged_arguments(heartbeats, self.allowance_seconds)
+                MERGED_HEARTBEATS, *array_arguments(heartbeats, self.allowance_seconds)
             )
             return [
                 await _outcome(connection, heartbeat, row)
@@ -327,7 +320,7 @@ class HeartbeatStore:
 
     async def batch_record_time(self, heartbeats: list[Heartbeat]) -> list[Record]:
         """Adds every heartbeat atomically; returns one row per entry, in order."""
-        arguments = statement_arguments(heartbeats, self.allowance_seconds, True)
+        arguments = array_arguments(heartbeats, self.allowance_seconds)
 
         async def work(connection: Connection) -> list[Record]:
             rows = await connection.fetch(HEARTBEATS, *arguments)
