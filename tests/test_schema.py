@@ -224,12 +224,17 @@ async def test_foreign_keys(db: asyncpg.Pool) -> None:
 
 
 async def test_heartbeat_function_names_its_courses_on_citus_only(db: asyncpg.Pool) -> None:
-    """Migration 0009: on one PostgreSQL the heartbeat function runs without the conditions
-    that route its statements to the courses' shards on Citus (PostgreSQL 18 answered them
-    with a scan of every claim of the course per entry); on Citus it keeps them."""
+    """Migrations 0009 and 0012: on one PostgreSQL the heartbeat function runs without the
+    conditions that route its statements to the courses' shards on Citus (PostgreSQL 18
+    answered them with a scan of every claim of the course per entry), and with generic
+    plans; on Citus it keeps them, and custom plans (which it needs to route)."""
     definition = await db.fetchval("SELECT pg_get_functiondef('lp_record_heartbeats'::regproc)")
     on_citus = await db.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
     assert definition.count("course_id = ANY (p_course_ids)") == (3 if on_citus else 0)
+    settings = await db.fetchval(
+        "SELECT proconfig FROM pg_proc WHERE proname = 'lp_record_heartbeats'"
+    )
+    assert ("plan_cache_mode=force_generic_plan" in (settings or [])) == (not on_citus)
 
 
 async def test_heartbeat_writer_functions_bound_their_lock_waits(db: asyncpg.Pool) -> None:

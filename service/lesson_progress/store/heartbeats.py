@@ -25,7 +25,7 @@ from lesson_progress.values import Heartbeat
 
 H = TypeVar("H")
 
-# Heartbeats as parallel arrays, in one call of the function of migrations 0007-0011: outline
+# Heartbeats as parallel arrays, in one call of the function of migrations 0007-0012: outline
 # and request-id checks, the time budget (learner clocks locked in user_id order), the
 # claims, then the lesson rows upserted with the credited seconds (summed per lesson, in key
 # order, so concurrent calls cannot deadlock). One row per entry, in order: `missing`
