@@ -278,3 +278,29 @@ async def test_only_courses_asked_for_since_their_summary_are_recomputed(
     assert third > second
     await summaries.refresh_due()
     assert await computed_at() == third
+
+
+async def test_a_summary_computed_before_any_request_is_renewed_once_asked_for(
+    db: asyncpg.Pool, database: Database
+) -> None:
+    """A course row created by a computation no request led to (its request time is its
+    computation time) counts the first request after it as demand, like any other."""
+    rng = random.Random(10)
+    course_id, lesson_ids = await make_course(db)
+    rows: dict[tuple[str, str], Row] = {}
+    await write(db, course_id, rows, rng, [new_id() for _ in range(5)], lesson_ids, 10)
+    summaries = LessonStatsSummaries(database, SummaryPolicy(min_rows=1, refresh_after=0))
+    await summaries.recompute(course_id)
+    first = await db.fetchval(
+        "SELECT computed_at FROM lesson_stats_courses WHERE course_id = $1", course_id
+    )
+    served, summarised = await summaries.lesson_stats(course_id)
+    assert summarised
+    assert_figures(served, expected(rows, lesson_ids))
+    assert await summaries.refresh_due() == 1
+    assert (
+        await db.fetchval(
+            "SELECT computed_at FROM lesson_stats_courses WHERE course_id = $1", course_id
+        )
+        > first
+    )

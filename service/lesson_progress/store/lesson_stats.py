@@ -99,7 +99,7 @@ LESSON_STATS = lesson_stats_of(LESSON_AGGREGATES)
 SUMMARY_HEADER = """
 SELECT computed_at, row_count,
        computed_at >= now() - make_interval(secs => $2::float8) AS fresh,
-       requested_at < computed_at AS renew_demand
+       requested_at <= computed_at AS renew_demand
 FROM lesson_stats_courses WHERE course_id = $1::uuid
 """
 
