@@ -257,27 +257,21 @@ async def test_only_courses_asked_for_since_their_summary_are_recomputed(
     rows: dict[tuple[str, str], Row] = {}
     await write(db, course_id, rows, rng, [new_id() for _ in range(5)], lesson_ids, 10)
     summaries = LessonStatsSummaries(database, SummaryPolicy(min_rows=1, refresh_after=0))
-
-    async def computed_at() -> Any:
-        return await db.fetchval(
-            "SELECT computed_at FROM lesson_stats_courses WHERE course_id = $1", course_id
-        )
-
     await summaries.lesson_stats(course_id)  # live, and now asked for
-    first = await computed_at()
+    first = await computed_at(db, course_id)
     await summaries.refresh_due()
-    second = await computed_at()
+    second = await computed_at(db, course_id)
     assert second != first  # the first summary
     await summaries.refresh_due()  # nobody asked since: nothing to do
-    assert await computed_at() == second
+    assert await computed_at(db, course_id) == second
     served, summarised = await summaries.lesson_stats(course_id)  # asked again
     assert summarised
     assert_figures(served, expected(rows, lesson_ids))
     await summaries.refresh_due()
-    third = await computed_at()
+    third = await computed_at(db, course_id)
     assert third > second
     await summaries.refresh_due()
-    assert await computed_at() == third
+    assert await computed_at(db, course_id) == third
 
 
 async def test_a_summary_computed_before_any_request_is_renewed_once_asked_for(
@@ -291,16 +285,16 @@ async def test_a_summary_computed_before_any_request_is_renewed_once_asked_for(
     await write(db, course_id, rows, rng, [new_id() for _ in range(5)], lesson_ids, 10)
     summaries = LessonStatsSummaries(database, SummaryPolicy(min_rows=1, refresh_after=0))
     await summaries.recompute(course_id)
-    first = await db.fetchval(
-        "SELECT computed_at FROM lesson_stats_courses WHERE course_id = $1", course_id
-    )
+    first = await computed_at(db, course_id)
     served, summarised = await summaries.lesson_stats(course_id)
     assert summarised
     assert_figures(served, expected(rows, lesson_ids))
     assert await summaries.refresh_due() == 1
-    assert (
-        await db.fetchval(
-            "SELECT computed_at FROM lesson_stats_courses WHERE course_id = $1", course_id
-        )
-        > first
+    assert await computed_at(db, course_id) > first
+
+
+async def computed_at(db: asyncpg.Pool, course_id: str) -> Any:
+    """When the course's stored summary was computed."""
+    return await db.fetchval(
+        "SELECT computed_at FROM lesson_stats_courses WHERE course_id = $1", course_id
     )
