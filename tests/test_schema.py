@@ -224,10 +224,11 @@ async def test_foreign_keys(db: asyncpg.Pool) -> None:
 
 
 async def test_heartbeat_function_names_its_courses_on_citus_only(db: asyncpg.Pool) -> None:
-    """Migrations 0009 and 0012: on one PostgreSQL the heartbeat function runs without the
-    conditions that route its statements to the courses' shards on Citus (PostgreSQL 18
-    answered them with a scan of every claim of the course per entry), and with generic
-    plans; on Citus it keeps them, and custom plans (which it needs to route)."""
+    """Migration 0009 (and 0012, which re-creates the function from each engine's own
+    definition): on one PostgreSQL the heartbeat function runs without the conditions that
+    route its statements to the courses' shards on Citus (PostgreSQL 18 answered them with
+    a scan of every claim of the course per entry), and with generic plans; on Citus it
+    keeps them, and custom plans (which it needs to route)."""
     definition = await db.fetchval("SELECT pg_get_functiondef('lp_record_heartbeats'::regproc)")
     on_citus = await db.fetchval("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
     assert definition.count("course_id = ANY (p_course_ids)") == (3 if on_citus else 0)
