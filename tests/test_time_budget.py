@@ -172,6 +172,27 @@ async def test_replay_is_counted_once_and_consumes_no_budget(
     assert response.distinct_lessons[0].time_spent_seconds == 650
 
 
+async def test_a_replay_beside_new_time_in_one_batch_is_counted_once(
+    progress: progress_service_pb2_grpc.ProgressServiceStub, make_course: object
+) -> None:
+    """A replayed entry next to new entries whose time is clear of the clock: the new ones
+    are credited in full, the replay reports its first credit and adds nothing."""
+    course = await make_course(1)  # type: ignore[operator]
+    user = new_id()
+    t = int(time.time()) - 3600
+    first = beat(user, course, "l1", 30, request_id=new_id(), occurred_at=at(t))
+    await progress.BatchRecordTime(pb.BatchRecordTimeRequest(requests=[first]))
+    later = [
+        beat(user, course, "l1", 30, request_id=new_id(), occurred_at=at(t + 30 * i))
+        for i in (1, 2)
+    ]
+    response = await progress.BatchRecordTime(
+        pb.BatchRecordTimeRequest(requests=[later[0], first, later[1]])
+    )
+    assert [r.credited_seconds for r in response.entry_results] == [30, 30, 30]
+    assert await stored(progress, user, course) == 90
+
+
 async def test_one_batch_of_several_learners_applies_the_rule_to_each(
     progress: progress_service_pb2_grpc.ProgressServiceStub, make_course: object
 ) -> None:
